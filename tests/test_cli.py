@@ -69,3 +69,20 @@ def test_reserved_result_keys(tmp_path):
     ctx = Context(Section("x", "X"), tmp_path, mode="smoke")
     with pytest.raises(ValueError, match="reserved"):
         ctx.result("seconds", 1.0)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_context_map_results_and_errors(tmp_path, jobs):
+    import math
+
+    ctx = Context(Section("x", "X"), tmp_path, mode="smoke", options={"jobs": jobs})
+    assert ctx.jobs == jobs
+    assert sorted(ctx.map(math.sqrt, [16.0, 4.0, 9.0], "roots")) == [(4.0, 2.0), (9.0, 3.0), (16.0, 4.0)]
+    with pytest.raises(ValueError, match="math domain"):
+        list(ctx.map(math.sqrt, [4.0, -1.0, 9.0], "roots"))
+
+
+def test_jobs_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["reproduce", "--jobs", "0"])
+    assert "--jobs" in capsys.readouterr().err

@@ -31,3 +31,15 @@ def test_benchmark_smoke(name, tmp_path):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["sections"][name]["error"] is None
     assert "| " in (tmp_path / "bench.md").read_text()
+
+
+def test_flatnce_results_do_not_depend_on_jobs(tmp_path):
+    """Runs seed themselves, so worker processes reproduce the in-process results exactly, in the same order."""
+    runs = []
+    for jobs in (1, 2):
+        out = tmp_path / f"j{jobs}"
+        assert main(["reproduce", "--smoke", "--only", "flatnce", "--jobs", str(jobs), "--out", str(out)]) == 0
+        section = json.loads((out / "results.json").read_text())["sections"]["flatnce"]
+        runs.append([{k: v for k, v in r.items() if k != "seconds"} for r in section["runs"]])
+    assert len(runs[0]) >= 4
+    assert runs[0] == runs[1]

@@ -109,6 +109,13 @@ def _parse_shapes(text: str) -> list[tuple[int, ...]]:
         raise argparse.ArgumentTypeError(f"--shapes takes e.g. 512x512,1024x4096; got {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .benchmarks import REGISTRY as BENCH
     from .experiments import REGISTRY as EXP
@@ -125,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(mode="quick")
     r.add_argument("--only", nargs="+", metavar="NAME", help=f"run only these: {', '.join(EXP)}")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument(
+        "-j", "--jobs", type=_positive_int, default=1,
+        help="worker processes for experiments made of independent runs (flatnce); results do not depend on it "
+        "(default: %(default)s; 2 on a 2-core machine halves the --full flatnce grid)",
+    )
     r.add_argument("-v", "--verbose", action="store_true", help="echo tables to the console")
 
     b = sub.add_parser("bench", help="time steepest against its peers in one run; print ratio tables")
@@ -154,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "reproduce":
         from .experiments import REGISTRY
 
-        return _run_entries("reproduce", REGISTRY, args, {})
+        return _run_entries("reproduce", REGISTRY, args, {"jobs": args.jobs})
     from .benchmarks import REGISTRY
 
     options = {"repeat": args.repeat, "warmup": args.warmup}

@@ -133,6 +133,44 @@ class Context:
         finally:
             self._progress.remove_task(task)
 
+    @property
+    def jobs(self) -> int:
+        """Worker processes :meth:`map` may use (``steepest reproduce --jobs``; 1 = in this process)."""
+        return max(1, int(self.options.get("jobs", 1)))
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], description: str) -> Iterator[tuple[Any, Any]]:
+        """Yield ``(item, fn(item))`` for every item, in completion order, with a progress bar.
+
+        With ``jobs > 1`` the calls run in that many spawned worker processes, each
+        limited to this process's current torch thread count (an experiment's
+        ``THREADS``), so ``jobs × THREADS`` should not exceed the cores. ``fn`` and the
+        items must be picklable (a module-level function, plain data). A call that
+        raises stops the map and re-raises here; queued calls are cancelled.
+        Results do not depend on ``jobs``: each call must seed itself.
+        """
+        items = list(items)
+        jobs = min(self.jobs, len(items))
+        if jobs <= 1:
+            for item in self.track(items, description):
+                yield item, fn(item)
+            return
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        threads = torch.get_num_threads()
+        bar = self.track(iter(range(len(items))), f"{description} ({jobs} processes)", total=len(items))
+        next(bar)  # shows the bar; each later next() advances it by one
+        with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(threads,)) as pool:
+            futures = {pool.submit(fn, item): item for item in items}
+            try:
+                for fut in cf.as_completed(futures):
+                    result = fut.result()
+                    next(bar, None)
+                    yield futures[fut], result
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+
     def log(self, message: str) -> None:
         if self._echo is not None:
             self._echo(message)
@@ -231,6 +269,14 @@ def thread_limit(n: int | None) -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(old)
+
+
+def _worker_init(threads: int) -> None:
+    """Thread limits of a :meth:`Context.map` worker: the parent's, for torch and the BLAS pools."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)  # stays in force for the worker's lifetime
 
 
 def select(registry: dict[str, str], only: Sequence[str] | None) -> list[Entry]:
