@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from . import linalg
+from ._validate import check_tensor
 
 __all__ = [
     "RULES",
@@ -55,22 +56,8 @@ RULES = {
     "signsgd": "max (ℓ∞) norm: ΔW = −sign(XᵀG), steepest feature direction −sign(G)",
 }
 
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 # ----------------------------------------------------------------------------- checks
-def _check_tensor(name: str, x: Any, *, min_ndim: int = 2, finite: bool = True) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {x.dtype}; convert with {name}.float()")
-    if x.ndim < min_ndim:
-        raise ValueError(f"{name} must have at least {min_ndim} dimensions (..., rows, cols), got shape {tuple(x.shape)}")
-    if finite and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf; clean the input before calling")
-    return x
-
-
 def _check_eps(eps: Any) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a float >= 0, got {type(eps).__name__}")
@@ -129,7 +116,7 @@ def whiten(X: Tensor, centered: bool = False, eps: float = 0.0) -> Tensor:
     :func:`steepest.linalg.inv_sqrt`, exact eigh). With ε = 0 a singular Gram matrix (rank-deficient X, or centered
     with n ≤ d) raises ``ValueError``; pass ε > 0.
     """
-    X = _check_tensor("X", X)
+    X = check_tensor(X, "X", min_ndim=2)
     eps = _check_eps(eps)
     if not isinstance(centered, bool):
         raise TypeError(f"centered must be a bool, got {type(centered).__name__}")
@@ -262,7 +249,7 @@ class Whitening(nn.Module):
         return linalg.inv_sqrt(S, method="newton_schulz", iters=self.iters)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _check_tensor("input", x, min_ndim=2)
+        x = check_tensor(x, "input", min_ndim=2)
         C, G = self.num_features, self.groups
         c = C // G
         if x.shape[1] != C:
@@ -333,7 +320,7 @@ def isotropy_metrics(X: Tensor) -> dict[str, float]:
     - ``mean_cosine``: mean over pairs i ≠ j of ``cos(x_i, x_j)``; rows of zero
       norm count as cosine 0.
     """
-    X = _check_tensor("X", X)
+    X = check_tensor(X, "X", min_ndim=2)
     if X.ndim != 2:
         raise ValueError(f"X must be a 2-D (samples, features) matrix, got shape {tuple(X.shape)}")
     n, d = X.shape
@@ -395,7 +382,7 @@ def steepest_feature_direction(G: Tensor, rule: str, *, schedule: Any = "svd") -
     (signsgd / max norm), for ``G = ∂L/∂Y`` of shape ``(..., b, d_out)``
     (seed 000; SPEC §2, §5).
     """
-    G = _check_tensor("G", G)
+    G = check_tensor(G, "G", min_ndim=2)
     rule = _check_rule(rule)
     return -_dual(G, rule, schedule)
 
@@ -416,8 +403,8 @@ def feature_alignment(X: Tensor, G: Tensor, rule: str, *, schedule: Any = "svd")
     whenever ``XXᵀ ∝ I`` (e.g. orthonormal rows); SignSGD has no such guarantee.
     ``schedule`` is passed to :func:`steepest.linalg.msign` (default exact SVD).
     """
-    X = _check_tensor("X", X)
-    G = _check_tensor("G", G)
+    X = check_tensor(X, "X", min_ndim=2)
+    G = check_tensor(G, "G", min_ndim=2)
     rule = _check_rule(rule)
     if X.shape[-2] != G.shape[-2] or X.shape[:-2] != G.shape[:-2]:
         raise ValueError(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from ._validate import check_tensor
 
 __all__ = [
     "Schedule",
@@ -32,7 +33,6 @@ __all__ = [
     "ns_scalar",
 ]
 
-_FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 # Quintic Newton–Schulz: p(x) = (15x − 10x³ + 3x⁵)/8, converges to 1 on (0, ~1.4).
 _QUINTIC = (1.875, -1.25, 0.375)
 
@@ -140,21 +140,6 @@ def _resolve_schedule(schedule: str | Schedule | Sequence[Sequence[float]]) -> S
 # ---------------------------------------------------------------------------
 # Input checks
 # ---------------------------------------------------------------------------
-def _check(M: Tensor, name: str = "M", *, finite: bool = True) -> None:
-    if not isinstance(M, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(M).__name__}")
-    if M.dtype not in _FLOATS:
-        raise TypeError(
-            f"{name} has dtype {M.dtype}; use a real floating tensor (bfloat16, float16, float32 or float64), "
-            f"e.g. {name}.float()"
-        )
-    if M.ndim < 2:
-        raise ValueError(f"{name} must have shape (..., m, n) with at least 2 dimensions; got shape {tuple(M.shape)}")
-    if finite and M.numel() and not bool(torch.isfinite(M).all()):
-        bad = int((~torch.isfinite(M)).sum())
-        raise ValueError(f"{name} contains {bad} NaN or Inf entries; these functions are undefined there")
-
-
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -356,7 +341,7 @@ def msign(
 
     Raises ValueError on NaN/Inf (when ``check_finite``), TypeError on non-float dtypes.
     """
-    _check(M, "M", finite=check_finite)
+    check_tensor(M, "M", min_ndim=2, finite=check_finite)
     if M.shape[-1] == 0 or M.shape[-2] == 0:
         return M.clone()
     X, t = _wide(M)
@@ -411,7 +396,7 @@ def mclip(
     schedules the terms are combined in float64 (σ ≫ c would otherwise cancel
     catastrophically). ``bound`` must be positive and finite.
     """
-    _check(M)
+    check_tensor(M, "M", min_ndim=2)
     bound = float(bound)
     if not (bound > 0 and bound < float("inf")):
         raise ValueError(f"bound must be a positive finite number, got {bound}")
@@ -452,7 +437,7 @@ def mstep(
     ``½[O + msign(H − I) O]`` on the wide orientation, ``H = sym(M Oᵀ) = U Σ Uᵀ``,
     applied to ``M / t``. σ exactly at t maps to ½.
     """
-    _check(M)
+    check_tensor(M, "M", min_ndim=2)
     threshold = float(threshold)
     if not (threshold > 0 and threshold < float("inf")):
         raise ValueError(f"threshold must be a positive finite number, got {threshold}")
@@ -482,7 +467,7 @@ def mpoly(
     even part (which needs O) is skipped when every even coefficient is zero. Zero
     singular values stay zero (the constant term acts on the range of M only).
     """
-    _check(M)
+    check_tensor(M, "M", min_ndim=2)
     coeffs = [float(c) for c in coeffs]
     if not coeffs:
         raise ValueError("coeffs must hold at least one coefficient, e.g. [0, 1] for f(x) = x")
@@ -542,7 +527,7 @@ def spectral_norm(
     steps. Returned as ``‖Mᵀ v‖`` with v held fixed, so its gradient is ``u vᵀ``,
     the derivative of σ_max.
     """
-    _check(M)
+    check_tensor(M, "M", min_ndim=2)
     if iters is not None and iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
     X, _ = _wide(M)  # X is (…, m, n) with m ≤ n: iterate in R^m
@@ -597,7 +582,7 @@ def inv_sqrt(
     ``eps`` adds ``eps·I`` first. Non-symmetric or non-positive-definite A is a
     ValueError that says so.
     """
-    _check(A, "A")
+    check_tensor(A, "A", min_ndim=2)
     if A.shape[-1] != A.shape[-2]:
         raise ValueError(f"A must be square (…, n, n); got shape {tuple(A.shape)}")
     if eps < 0:

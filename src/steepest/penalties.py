@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from ._validate import check_tensor
 
 __all__ = [
     "ELEMENTWISE_ACTIVATIONS",
@@ -82,13 +84,6 @@ _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
 # --------------------------------------------------------------------------- checks
-def _check_finite(name: str, t: Tensor) -> None:
-    if not torch.is_floating_point(t):
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}; convert it with .double() or .float()")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf; clean the input before computing gradient penalties")
-
-
 def _check_eps(eps: float) -> None:
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite positive number, got {eps!r}")
@@ -193,7 +188,7 @@ def input_grad_norm2(
         raise ValueError(f"method must be 'exact' or 'finite_difference', got {method!r}")
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
         raise ValueError("x must be a tensor with a non-empty leading batch dimension")
-    _check_finite("x", x)
+    check_tensor(x, "x")
     if isinstance(f, nn.Module):
         check_per_example(f)
     check_per_example(model)
@@ -470,7 +465,7 @@ def occam_bound(
     if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] == 0:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be a (batch, features) tensor with batch >= 1, got {shape}; flatten inputs first")
-    _check_finite("x", x)
+    check_tensor(x, "x")
     first = next(m for m in mods if isinstance(m, nn.Linear))
     if first.weight.dtype != x.dtype:
         raise TypeError(f"x has dtype {x.dtype} but the model has {first.weight.dtype}; cast one to match (e.g. .double())")
