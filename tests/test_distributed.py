@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from steepest import losses
 from steepest.distributed import (CommCounter, _owners, _row_counts, finite_mask_sharded, free_port, launch,
-                                  orthogonalize_sharded)
+                                  map_replicated, orthogonalize_sharded)
 from steepest.optim import EGDD, EGStepSize, Muon, muon_param_groups, orthogonalize
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -137,6 +137,27 @@ def _ddp_worker(rank: int, world: int) -> dict:
             _train(model, opt, rank, world)
         out[name] = [_full(p) for p in model.module.parameters()]
         out[name + "_comm"] = (dict(cc.counts), dict(cc.bytes_by_op))
+    # Muon with the NS work dealt out over the ranks
+    model = DistributedDataParallel(_mlp())
+    opt = Muon(muon_param_groups(model.module), lr=0.05, weight_decay=0.01, adamw_lr=0.01, ddp_strategy="spread")
+    with CommCounter() as cc:
+        _train(model, opt, rank, world)
+    out["muon_spread"] = [_full(p) for p in model.module.parameters()]
+    out["muon_spread_comm"] = dict(cc.counts)
+    # map_replicated on mixed shapes and dtypes: each rank runs fn on its own share only
+    g = torch.Generator().manual_seed(5)
+    mats = [torch.randn(*shape, generator=g, dtype=dt) for shape, dt in
+            (((7, 5), torch.float64), ((5, 7), torch.float64), ((3, 3), torch.float32), ((9, 4), torch.float64),
+             ((2, 6), torch.float32))]
+    seen = []
+
+    def fn(ms):
+        seen.extend(m.shape for m in ms)
+        return orthogonalize(ms)
+
+    out["mapped"] = map_replicated(mats, fn)
+    out["mapped_inputs"] = mats
+    out["mapped_seen"] = seen
     out["info_nce"] = _pair_grads(rank, world, losses.info_nce_pairs, ddp=True)
     out["flat_nce"] = _pair_grads(rank, world, losses.flat_nce_pairs, ddp=True)
     return out
@@ -198,6 +219,20 @@ def test_ddp_optimizers_and_pair_losses_follow_one_process():
         counts, sent = res[0][name + "_comm"]
         assert counts["allreduce_"] == STEPS, counts
         assert sent["allreduce_"] == pytest.approx(STEPS * 2 * (WORLD - 1) / WORLD * grad_bytes)
+    # ddp_strategy="spread": same trajectory, bit-identical ranks, one all-gather per step on top of DDP's all-reduce
+    want = _reference("muon")
+    for r in range(WORLD):
+        _assert_close(res[r]["muon_spread"], want, f"DDP Muon spread rank {r}")
+        assert all(torch.equal(a, b) for a, b in zip(res[r]["muon_spread"], res[0]["muon_spread"]))
+        assert res[r]["muon_spread_comm"]["allgather_"] == STEPS, res[r]["muon_spread_comm"]
+        assert res[r]["muon_spread_comm"]["allreduce_"] == STEPS
+    seen = [res[r]["mapped_seen"] for r in range(WORLD)]
+    assert all(seen) and sum(len(s_) for s_ in seen) == len(res[0]["mapped_inputs"])  # each matrix once
+    want = orthogonalize(res[0]["mapped_inputs"])
+    for r in range(WORLD):
+        for a, b in zip(res[r]["mapped"], want):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.allclose(a, b, atol=1e-6 if a.dtype == torch.float32 else 1e-12)
     for key, fn in (("info_nce", losses.info_nce_pairs), ("flat_nce", losses.flat_nce_pairs)):
         want = _pair_grads(0, 1, fn, ddp=False)  # one process, the concatenated batch of 6 pairs
         for r in range(WORLD):
@@ -301,6 +336,8 @@ def test_launch_arguments_and_free_port():
         orthogonalize_sharded([torch.eye(2)], strategy="scatter")
     with pytest.raises(ValueError, match="shard_strategy"):
         Muon([nn.Parameter(torch.eye(2))], shard_strategy="scatter")
+    with pytest.raises(ValueError, match="ddp_strategy"):
+        Muon([nn.Parameter(torch.eye(2))], ddp_strategy="gather")
 
 
 def _sleeper(rank: int, world: int) -> None:

@@ -8,7 +8,10 @@ orthogonalization (``msign``), while FSDP2 keeps only row shards (``Shard(0)``).
 What runs where (SPEC.md §2; Keller Jordan 2024 for Muon):
 
 - **DDP**: parameters and (averaged) gradients are replicated, so every optimizer
-  in :mod:`steepest.optim` and the pair losses run unchanged.
+  in :mod:`steepest.optim` and the pair losses run unchanged. Muon's NS work can
+  be divided among the ranks instead of repeated on each (``Muon(...,
+  ddp_strategy="spread")``, :func:`map_replicated`: each rank orthogonalizes its
+  share, one all-gather shares the results).
 - **FSDP2**: elementwise rules (Muon's momentum, weight decay and update, AdamW,
   EGStepSize, EGDD) act on DTensors shard by shard; reductions they contain (EGDD's
   norms, EGStepSize's per-tensor inner products) are DTensor reductions over the
@@ -61,6 +64,7 @@ __all__ = [
     "is_dtensor",
     "launch",
     "local_part",
+    "map_replicated",
     "map_whole_matrices",
     "orthogonalize_sharded",
     "project_spectral_ball_sharded",
@@ -342,6 +346,53 @@ def _spread(mats: Sequence[Tensor], group: Any, fn: Callable[[list[Tensor]], lis
     for q in range(W):
         for j, part in zip(by_owner[q], pieces[q].split([rows[j][r] * shapes[j][1] for j in by_owner[q]])):
             out[j] = part.view(rows[j][r], shapes[j][1])
+    return out  # type: ignore[return-value]
+
+
+def map_replicated(
+    matrices: Sequence[Tensor], fn: Callable[[list[Tensor]], list[Tensor]], *, group: Any = None
+) -> list[Tensor]:
+    """``fn`` of replicated matrices (DDP: the same values on every rank), the work dealt out across ranks.
+
+    Matrix j gets one owner rank (greedy balance of the NS cost m·n·min(m, n), the
+    same assignment on every rank); each rank applies ``fn`` to its own matrices
+    only, and one ``all_gather`` per dtype (results packed into one flat buffer per
+    rank, padded to the longest) gives every rank every result. The NS work drops W
+    times; each rank receives (W−1)/W of the results. Every rank ends with the
+    owner's bits, so replicated parameters stay bit-identical across ranks. This
+    is the distributed Muon of Keller Jordan's modded-nanogpt for DDP.
+
+    ``fn`` as in :func:`map_whole_matrices`. Without an initialized process group,
+    or with one rank, it is ``fn(matrices)``. Correct only when the inputs are
+    equal on every rank of ``group``: the other ranks' copies are never read.
+    """
+    import torch.distributed as dist
+
+    mats = list(matrices)
+    if not mats or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return fn(mats)
+    if any(is_dtensor(m) for m in mats):
+        raise TypeError("map_replicated takes plain (replicated) tensors; for DTensors use map_whole_matrices")
+    W, r = dist.get_world_size(group), dist.get_rank(group)
+    out: list[Tensor | None] = [None] * len(mats)
+    by_dtype: dict[torch.dtype, list[int]] = defaultdict(list)
+    for j, m in enumerate(mats):
+        if m.ndim != 2:
+            raise ValueError(f"map_replicated takes 2-D matrices, got shape {tuple(m.shape)}")
+        by_dtype[m.dtype].append(j)
+    for dtype in sorted(by_dtype, key=str):  # the same collective order on every rank
+        idx = by_dtype[dtype]
+        owner = _owners([mats[j].shape[0] * mats[j].shape[1] * min(mats[j].shape) for j in idx], W)
+        by_owner = [[j for j, o in zip(idx, owner) if o == q] for q in range(W)]
+        sizes = [sum(mats[j].numel() for j in js) for js in by_owner]
+        ref = mats[idx[0]]
+        done = fn([mats[j] for j in by_owner[r]]) if by_owner[r] else []
+        flat = torch.cat([d.reshape(-1).to(dtype) for d in done] + [ref.new_zeros(max(sizes) - sizes[r])])
+        recv = [ref.new_empty(max(sizes)) for _ in range(W)]
+        dist.all_gather(recv, flat.contiguous(), group=group)
+        for q, js in enumerate(by_owner):
+            for j, part in zip(js, recv[q][: sizes[q]].split([mats[j].numel() for j in js])):
+                out[j] = part.view(mats[j].shape)
     return out  # type: ignore[return-value]
 
 

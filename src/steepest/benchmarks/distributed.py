@@ -1,4 +1,4 @@
-"""Bench: steepest Muon on 1, 2 and 4 local processes — DDP, FSDP2 "gather" and FSDP2 "spread".
+"""Bench: steepest Muon on 1, 2 and 4 local processes — DDP (local / spread), FSDP2 "gather" and "spread".
 
 Every configuration runs in its own gloo process group on loopback (one intra-op
 thread per process, ``steepest.distributed.launch``). Per strategy and world size:
@@ -7,7 +7,8 @@ of ``opt.step()`` alone, the slowest rank counting; and the bytes one rank sends
 per step (``steepest.distributed.CommCounter``: every collective seen, ring-model
 bytes), split into the data-parallel traffic (DDP's all-reduce / FSDP2's
 all-gather + reduce-scatter) and the optimizer's own (Muon's orthogonalization
-of sharded matrices, the non-finite check). torch.optim.AdamW under FSDP2 is the
+of sharded matrices or, for DDP "spread", the all-gather of the results each rank
+computed for its share of the matrices; the non-finite check). torch.optim.AdamW under FSDP2 is the
 peer: an elementwise optimizer that needs no communication of its own.
 """
 
@@ -21,9 +22,9 @@ from torch import nn
 
 from ..report import Context
 
-TITLE = "distributed: Muon under DDP and FSDP2 (gather vs spread), 1/2/4 processes on one machine"
+TITLE = "distributed: Muon under DDP (local vs spread) and FSDP2 (gather vs spread), 1/2/4 processes on one machine"
 
-STRATEGIES = ("DDP", "FSDP2 gather", "FSDP2 spread", "FSDP2 AdamW (peer)")
+STRATEGIES = ("DDP", "DDP spread", "FSDP2 gather", "FSDP2 spread", "FSDP2 AdamW (peer)")
 
 
 def _model(d: int, blocks: int) -> nn.Module:
@@ -48,9 +49,9 @@ def _worker(rank: int, world: int, d: int, blocks: int, batch: int, warmup: int,
     out = {}
     for strategy in STRATEGIES:
         base = _model(d, blocks)
-        if strategy == "DDP":
+        if strategy.startswith("DDP"):
             model: nn.Module = DistributedDataParallel(base) if world > 1 else base
-            opt = Muon(muon_param_groups(base), lr=0.02)
+            opt = Muon(muon_param_groups(base), lr=0.02, ddp_strategy="spread" if strategy.endswith("spread") else "local")
         else:
             for layer in base:
                 if isinstance(layer, nn.Linear):
@@ -134,6 +135,12 @@ def run(ctx: Context) -> None:
     if gather_vs_spread:
         ctx.table(["W", "opt.step gather / spread", "step gather / spread", "optimizer bytes gather / spread"],
                   gather_vs_spread, caption="FSDP2 Muon: gather relative to spread (> 1: spread is better).")
+    ddp_rows = [[W, by["DDP"]["opt_s"] / by["DDP spread"]["opt_s"], by["DDP"]["step_s"] / by["DDP spread"]["step_s"],
+                 by["DDP spread"]["opt_bytes"] / 1e6] for W, by in res.items() if W > 1]
+    if ddp_rows:
+        ctx.table(["W", "opt.step local / spread", "step local / spread", "spread: optimizer MB sent"], ddp_rows,
+                  caption="DDP Muon: every rank orthogonalizing every matrix (local, the default) relative to the "
+                  "matrices dealt out and all-gathered (`ddp_strategy=\"spread\"`; > 1: spread is better).")
     ctx.result("config", {"d": d, "blocks": blocks, "batch": batch, "params": n_params})
     ctx.result("by_world", {str(W): by for W, by in res.items()})
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -385,7 +386,14 @@ class Muon(SkippingOptimizer):
     FSDP2 (DTensor parameters sharded on rows): whole matrices are orthogonalized
     by ``steepest.distributed.orthogonalize_sharded`` with ``shard_strategy``
     (``"spread"``: NS work dealt out across ranks, two all-to-alls; ``"gather"``:
-    all-gather, NS everywhere); the rest runs on the shards. DDP needs nothing.
+    all-gather, NS everywhere); the rest runs on the shards. DDP (replicated
+    parameters, averaged gradients) needs nothing: by default (``ddp_strategy=
+    "local"``) every rank runs NS on every matrix. ``ddp_strategy="spread"`` deals
+    the matrices out over ``process_group`` (default: the world) — each rank
+    orthogonalizes about 1/W of them and one all-gather shares the results
+    (``steepest.distributed.map_replicated``) — which divides the NS work by W and
+    keeps the ranks' parameters bit-identical; it needs equal gradients on every
+    rank, as DDP gives, so do not use it for per-rank independent models.
 
     LR schedulers act on each group's ``lr``; ``step(closure)`` is supported.
     ``torch.compile``: compiling the model works as usual; ``step()`` itself runs
@@ -414,6 +422,8 @@ class Muon(SkippingOptimizer):
         adamw_weight_decay: float = 0.01,
         nonfinite: str = "skip",
         shard_strategy: str = "spread",
+        ddp_strategy: str = "local",
+        process_group: Any = None,
     ) -> None:
         if isinstance(params, (set, frozenset)):
             raise TypeError("params must be an ordered collection (list or tuple), not a set: the order decides "
@@ -422,6 +432,10 @@ class Muon(SkippingOptimizer):
         if shard_strategy not in ("spread", "gather"):
             raise ValueError(f"shard_strategy must be 'spread' or 'gather', got {shard_strategy!r}")
         self._shard_strategy = shard_strategy
+        if ddp_strategy not in ("local", "spread"):
+            raise ValueError(f"ddp_strategy must be 'local' or 'spread', got {ddp_strategy!r}")
+        self._ddp_strategy = ddp_strategy
+        self._process_group = process_group
         self._adamw_defaults = {"lr": adamw_lr, "betas": adamw_betas, "eps": adamw_eps,
                                 "weight_decay": adamw_weight_decay}
         _check_adamw(self._adamw_defaults)
@@ -537,8 +551,7 @@ class Muon(SkippingOptimizer):
         ns_outputs = {}
         for key, mats in ns_inputs.items():
             schedule, steps, ns_dtype, eps = key
-            ns_outputs[key] = _orthogonalize_any(mats, self._shard_strategy, schedule=schedule, steps=steps,
-                                                 ns_dtype=ns_dtype, eps=eps)
+            ns_outputs[key] = self._orthogonalize(mats, schedule=schedule, steps=steps, ns_dtype=ns_dtype, eps=eps)
         for group, ps, key, start in pending:
             muon_apply(
                 ps,
@@ -549,6 +562,17 @@ class Muon(SkippingOptimizer):
                 max_spectral_norm=group["max_spectral_norm"],
             )
         return loss
+
+    def _orthogonalize(self, mats: list[Tensor], **ns: Any) -> list[Tensor]:
+        if any(type(m).__name__ == "DTensor" for m in mats):  # FSDP2: rows of each matrix live on several ranks
+            from ..distributed import orthogonalize_sharded
+
+            return orthogonalize_sharded(mats, strategy=self._shard_strategy, **ns)
+        if self._ddp_strategy == "spread":
+            from ..distributed import map_replicated
+
+            return map_replicated(mats, partial(orthogonalize, **ns), group=self._process_group)
+        return orthogonalize(mats, **ns)
 
     def _adamw_group(self, group: dict[str, Any], items: list[tuple[Tensor, Tensor]]) -> None:
         ps, gs, ms, vs, ts = [], [], [], [], []
@@ -571,14 +595,6 @@ class Muon(SkippingOptimizer):
 def _is_matrix(p: Any) -> bool:
     p = p[1] if isinstance(p, tuple) else p  # (name, parameter) pairs are allowed
     return isinstance(p, Tensor) and p.ndim >= 2
-
-
-def _orthogonalize_any(mats: list[Tensor], shard_strategy: str, **ns: Any) -> list[Tensor]:
-    if any(type(m).__name__ == "DTensor" for m in mats):  # FSDP2: rows of each matrix live on several ranks
-        from ..distributed import orthogonalize_sharded
-
-        return orthogonalize_sharded(mats, strategy=shard_strategy, **ns)
-    return orthogonalize(mats, **ns)
 
 
 def _float(x: Any) -> float:
