@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import flat_nce, info_nce, nce_diagnostics, pair_logits
+from ._data import digits_split
 
 TITLE = "FlatNCE vs InfoNCE at small batch (seed 003)"
 # Small models: one intra-op thread is fastest (measured) and leaves the other core free.
@@ -50,13 +51,8 @@ SPLIT_SEED = 12345
 # --------------------------------------------------------------------------- data and augmentation
 def load_split() -> tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]:
     """Digits as (N, 1, 8, 8) in [0, 1]; a fixed stratified train/test split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[:, None]
-    xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=TEST_SIZE, stratify=d.target, random_state=SPLIT_SEED)
-    return torch.from_numpy(xtr), ytr, torch.from_numpy(xte), yte
+    xtr, ytr, xte, yte = digits_split(TEST_SIZE, SPLIT_SEED, images=True)
+    return xtr, ytr.numpy(), xte, yte.numpy()
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

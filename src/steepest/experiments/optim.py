@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from steepest.optim import Muon, SignSGD, muon_param_groups
+from ._data import digits_split
 
 TITLE = "Steepest descent under three norms: SGD, SignSGD and Muon on digits and a character LM"
 # Small models: one intra-op thread is fastest (measured) and leaves the other core free.
@@ -121,13 +122,7 @@ class Task:
 
 
 def digits_task(ctx: Any, steps: int, seed: int) -> Task:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    X, y = load_digits(return_X_y=True)
-    Xtr, Xva, ytr, yva = train_test_split(X / 16.0, y, test_size=0.25, random_state=0, stratify=y)
-    Xtr, Xva = torch.tensor(Xtr, dtype=torch.float32), torch.tensor(Xva, dtype=torch.float32)
-    ytr, yva = torch.tensor(ytr), torch.tensor(yva)
+    Xtr, ytr, Xva, yva = digits_split(0.25, 0)
     g = torch.Generator().manual_seed(seed)
     order = torch.randint(0, len(Xtr), (steps, 64), generator=g)
     t = Task()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from steepest.penalties import input_grad_norm2, occam_bound, param_grad_norm2, param_penalty_grads_fd
+from ._data import digits_split
 
 TITLE = "Input vs parameter gradient penalty (seed 001)"
 
@@ -150,13 +151,8 @@ def _random_mlps(ctx) -> None:
 
 # ------------------------------------------------------------------ digits data
 def _digits(seed: int):
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    X, y = load_digits(return_X_y=True)
-    Xtr, Xte, ytr, yte = train_test_split(X / 16.0, y, test_size=0.25, random_state=seed, stratify=y)
-    f32 = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    return f32(Xtr), f32(Xte), torch.tensor(ytr), torch.tensor(yte)
+    Xtr, ytr, Xte, yte = digits_split(0.25, seed)
+    return Xtr, Xte, ytr, yte
 
 
 def _digits_mlp(seed: int, width: int = 128) -> nn.Sequential:
