@@ -259,11 +259,10 @@ def _world() -> tuple[int, int]:
 class _AllGather(torch.autograd.Function):
     """All-gather along dim 0 WITH gradients (equal sizes on every rank).
 
-    Backward sums every rank's gradient for the gathered tensor and keeps this
-    rank's slice (a reduce-scatter written as all-reduce + slice, which every
-    backend supports): rank r's embeddings receive Σ_q ∂L_q/∂z_r. With DDP
-    averaging the ranks' parameter gradients this is exactly the one-process
-    gradient of the mean loss over the concatenated batch.
+    Backward is the adjoint, a reduce-scatter: rank r's embeddings receive
+    Σ_q ∂L_q/∂z_r. With DDP averaging the ranks' parameter gradients this is
+    exactly the one-process gradient of the mean loss over the concatenated batch.
+    (``torch.distributed.nn.functional.all_gather`` does the same but is deprecated.)
     """
 
     @staticmethod
@@ -271,18 +270,18 @@ class _AllGather(torch.autograd.Function):
         import torch.distributed as dist
 
         z = z.contiguous()
-        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, z)
-        ctx.rank, ctx.n = dist.get_rank(), z.shape[0]
-        return torch.cat(parts, 0)
+        out = z.new_empty((dist.get_world_size() * z.shape[0], *z.shape[1:]))
+        dist.all_gather_into_tensor(out, z)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
         import torch.distributed as dist
 
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(), *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM)
+        return out
 
 
 def _gather(z: Tensor) -> Tensor:
@@ -346,8 +345,9 @@ def pair_logits(
     with torch.autocast(device_type=z1.device.type, enabled=False):
         h1 = F.normalize(z1.to(cd), dim=1)
         h2 = F.normalize(z2.to(cd), dim=1)
-        if world > 1:
-            g1, g2 = _gather(h1), _gather(h2)
+        if world > 1:  # one collective for both views: (W·2n, d) → per rank [h1; h2]
+            g = _gather(torch.cat([h1, h2])).view(world, 2, n, -1)
+            g1, g2 = g[:, 0].reshape(world * n, -1), g[:, 1].reshape(world * n, -1)
         else:
             g1, g2 = h1, h2
         t = temperature.to(cd) if isinstance(temperature, Tensor) else temperature
