@@ -393,7 +393,10 @@ class Muon(SkippingOptimizer):
     orthogonalizes about 1/W of them and one all-gather shares the results
     (``steepest.distributed.map_replicated``) — which divides the NS work by W and
     keeps the ranks' parameters bit-identical; it needs equal gradients on every
-    rank, as DDP gives, so do not use it for per-rank independent models.
+    rank, as DDP gives, so do not use it for per-rank independent models or
+    pipeline stages (hence not the default). ``steepest bench --only distributed``
+    (2 blocks of d = 192, gloo, one thread per process): ``opt.step()`` 1.46×
+    faster than "local" on 2 processes, 2.22× on 4.
 
     LR schedulers act on each group's ``lr``; ``step(closure)`` is supported.
     ``torch.compile``: compiling the model works as usual; ``step()`` itself runs
