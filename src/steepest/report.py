@@ -170,6 +170,8 @@ class Context:
             except BaseException:
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
+            finally:
+                bar.close()  # removes the bar also when a call failed
 
     def log(self, message: str) -> None:
         if self._echo is not None:
