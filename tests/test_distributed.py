@@ -144,6 +144,13 @@ def _ddp_worker(rank: int, world: int) -> dict:
         _train(model, opt, rank, world)
     out["muon_spread"] = [_full(p) for p in model.module.parameters()]
     out["muon_spread_comm"] = dict(cc.counts)
+    # the same with the spectral-ball projection (dealt out too) on conv weights
+    model = DistributedDataParallel(_conv())
+    opt = Muon(muon_param_groups(model.module), lr=0.05, max_spectral_norm=0.5, ddp_strategy="spread")
+    with CommCounter() as cc:
+        _train(model, opt, rank, world)
+    out["ball_spread"] = [_full(p) for p in model.module.parameters()]
+    out["ball_spread_comm"] = dict(cc.counts)
     # map_replicated on mixed shapes and dtypes: each rank runs fn on its own share only
     g = torch.Generator().manual_seed(5)
     mats = [torch.randn(*shape, generator=g, dtype=dt) for shape, dt in
@@ -226,6 +233,11 @@ def test_ddp_optimizers_and_pair_losses_follow_one_process():
         assert all(torch.equal(a, b) for a, b in zip(res[r]["muon_spread"], res[0]["muon_spread"]))
         assert res[r]["muon_spread_comm"]["allgather_"] == STEPS, res[r]["muon_spread_comm"]
         assert res[r]["muon_spread_comm"]["allreduce_"] == STEPS
+    want = _reference("muon_conv_ball")
+    for r in range(WORLD):
+        _assert_close(res[r]["ball_spread"], want, f"DDP Muon spread + spectral ball rank {r}")
+        assert all(torch.equal(a, b) for a, b in zip(res[r]["ball_spread"], res[0]["ball_spread"]))
+        assert res[r]["ball_spread_comm"]["allgather_"] == 2 * STEPS  # NS and projection
     seen = [res[r]["mapped_seen"] for r in range(WORLD)]
     assert all(seen) and sum(len(s_) for s_ in seen) == len(res[0]["mapped_inputs"])  # each matrix once
     want = orthogonalize(res[0]["mapped_inputs"])

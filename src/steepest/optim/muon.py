@@ -391,7 +391,8 @@ class Muon(SkippingOptimizer):
     "local"``) every rank runs NS on every matrix. ``ddp_strategy="spread"`` deals
     the matrices out over ``process_group`` (default: the world) — each rank
     orthogonalizes about 1/W of them and one all-gather shares the results
-    (``steepest.distributed.map_replicated``) — which divides the NS work by W and
+    (``steepest.distributed.map_replicated``; the same for the spectral-ball
+    projection of ``max_spectral_norm``) — which divides the NS work by W and
     keeps the ranks' parameters bit-identical; it needs equal gradients on every
     rank, as DDP gives, so do not use it for per-rank independent models or
     pipeline stages (hence not the default). ``steepest bench --only distributed``
@@ -556,15 +557,32 @@ class Muon(SkippingOptimizer):
             schedule, steps, ns_dtype, eps = key
             ns_outputs[key] = self._orthogonalize(mats, schedule=schedule, steps=steps, ns_dtype=ns_dtype, eps=eps)
         for group, ps, key, start in pending:
+            bound = group["max_spectral_norm"]
+            spread_ball = bound is not None and self._ddp_strategy == "spread" and not any(
+                type(p).__name__ == "DTensor" for p in ps)
             muon_apply(
                 ps,
                 ns_outputs[key][start:start + len(ps)],
                 lr=_float(group["lr"]),
                 weight_decay=float(group["weight_decay"]),
                 adjust_lr_fn=group["adjust_lr_fn"],
-                max_spectral_norm=group["max_spectral_norm"],
+                max_spectral_norm=None if spread_ball else bound,
             )
+            if spread_ball:  # the projection is a whole-matrix map too: deal it out like NS
+                self._project_replicated(ps, float(bound))
         return loss
+
+    def _project_replicated(self, ps: list[Tensor], bound: float) -> None:
+        from ..distributed import map_replicated
+
+        def clip(ws: list[Tensor]) -> list[Tensor]:
+            ws = [w.clone() for w in ws]
+            project_spectral_ball(ws, bound)
+            return ws
+
+        mats = [p.reshape(matrix_shape(p.shape)) for p in ps]
+        for p, new in zip(ps, map_replicated(mats, clip, group=self._process_group)):
+            p.copy_(new.view_as(p))
 
     def _orthogonalize(self, mats: list[Tensor], **ns: Any) -> list[Tensor]:
         if any(type(m).__name__ == "DTensor" for m in mats):  # FSDP2: rows of each matrix live on several ranks
