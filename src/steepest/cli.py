@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "-j", "--jobs", type=_positive_int, default=1,
         help="worker processes for experiments made of independent runs (flatnce); results do not depend on it "
-        "(default: %(default)s; 2 on a 2-core machine halves the --full flatnce grid)",
+        "(default: %(default)s; 2 on a 2-core machine nearly halves the flatnce runs)",
     )
     r.add_argument("-v", "--verbose", action="store_true", help="echo tables to the console")
 
