@@ -448,3 +448,17 @@ def test_compiled_model_trains_like_eager():
     assert (eager[0] - init).abs().max() > 1e-3  # the run moved the weights: the comparison is not vacuous
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+
+
+def test_orthogonalize_large_cpu_matrices_one_by_one_equal_msign():
+    """Above the CPU batching threshold each matrix goes alone; results are msign's, zeros stay zero."""
+    from steepest.optim.muon import _CPU_BATCH_MAX
+
+    g = torch.Generator().manual_seed(0)
+    n = int(math.isqrt(_CPU_BATCH_MAX)) + 8  # n² entries > threshold
+    mats = [torch.randn(n, n, generator=g), torch.zeros(n, n), torch.randn(n, n, generator=g) * 1e-3]
+    out = orthogonalize(mats)
+    for m, o in zip(mats, out):
+        want = torch.zeros_like(m) if not m.any() else linalg.msign(m, schedule="polar_express")
+        torch.testing.assert_close(o, want, rtol=0, atol=1e-6)
+        assert o.dtype == m.dtype and o.shape == m.shape
