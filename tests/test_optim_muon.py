@@ -462,3 +462,15 @@ def test_orthogonalize_large_cpu_matrices_one_by_one_equal_msign():
         want = torch.zeros_like(m) if not m.any() else linalg.msign(m, schedule="polar_express")
         torch.testing.assert_close(o, want, rtol=0, atol=1e-6)
         assert o.dtype == m.dtype and o.shape == m.shape
+
+
+@pytest.mark.parametrize("n", [6, int(math.isqrt(1 << 17)) + 8])  # batched, and one by one
+def test_orthogonalize_matrix_below_eps_gets_zero_direction(n):
+    g = torch.Generator().manual_seed(1)
+    A, B = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    tiny = B * (1e-9 / float(B.norm()))  # ‖tiny‖_F = 1e-9 ≤ eps
+    out = orthogonalize([A, tiny, A.clone()], eps=1e-7)
+    assert torch.equal(out[1], torch.zeros_like(tiny))
+    torch.testing.assert_close(out[0], linalg.msign(A, schedule="polar_express"), rtol=0, atol=1e-5)  # batch rounding
+    assert torch.equal(out[0], out[2])
+    assert orthogonalize([tiny], eps=0.0)[0].abs().max() > 0.1  # with eps = 0 it is orthogonalized like any other

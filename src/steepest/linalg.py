@@ -263,12 +263,26 @@ class _SymFunc(torch.autograd.Function):
 # ---------------------------------------------------------------------------
 # Newton–Schulz
 # ---------------------------------------------------------------------------
+def _frobenius(X: Tensor) -> Tensor:
+    """‖X‖_F over the last two dims, exact for inputs from 1e-30 to 1e30.
+
+    Accumulating in float64 keeps float32 sums of squares from overflowing or
+    underflowing, but on CPU it costs 30× the float32 reduction (20 ms on 6×2048×512,
+    most of Muon's work outside NS). There the float32 norm is used whenever it is
+    finite and ≥ 1e-10 (squares lost to underflow then weigh < numel·1e-18 of it).
+    """
+    if X.device.type == "cpu" and X.dtype != torch.float64:
+        n = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+        if bool((torch.isfinite(n) & (n >= 1e-10)).all()):
+            return n
+    return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+
+
 def _newton_schulz(X: Tensor, sched: Schedule, steps: int | None) -> Tensor:
     """NS on a wide X (…, m, n), m ≤ n, in X's dtype."""
     shape = X.shape
     X = X.reshape(-1, shape[-2], shape[-1]) if X.ndim != 2 else X
-    # The norm accumulates in float64 so float32 inputs from 1e-30 to 1e30 neither overflow nor underflow.
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float64) * sched.safety
+    norm = _frobenius(X) * sched.safety
     X = X / torch.where(norm > 0, norm, torch.ones_like(norm)).to(X.dtype)
     mm = torch.addmm if X.ndim == 2 else torch.baddbmm
     for a, b, c in sched.rows(steps):

@@ -160,7 +160,8 @@ def orthogonalize(
         O = linalg.msign(X, schedule=schedule, steps=steps, dtype=ns_dtype, check_finite=False)
         if eps > 0:
             keep = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) > eps
-            O = O * keep
+            if X.device.type != "cpu" or not bool(keep.all()):  # CPU: skip a pass over O when nothing is dropped
+                O = O * keep
         for j, i in enumerate(idx):
             out[i] = O[j]
     return out  # type: ignore[return-value]
