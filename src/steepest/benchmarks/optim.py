@@ -154,7 +154,8 @@ def run(ctx: Context) -> None:
                  f"{n / 1e6:.1f} M parameters; per block q, k, v, o {d}×{d}, MLP {4 * d}×{d} and {d}×{4 * d}); median "
                  f"of `--repeat` runs after `--warmup`, all cases interleaved round by round (one run when a step takes "
                  f"> {SLOW:.0f} s), {threads} threads. "
-                 "steepest Muon batches same-shaped matrices up to 2¹⁷ entries on CPU (larger ones one by one, faster there); torch.optim.Muon loops over all."),
+                 "steepest Muon batches same-shaped matrices up to 2¹⁷ entries on CPU (larger ones go one by one, "
+                 "faster there); torch.optim.Muon loops over all."),
     )
     small_blocks, small_d = ctx.pick((1, 32), (1, 256), (1, 512))
     small = _table(
