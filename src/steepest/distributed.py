@@ -67,6 +67,7 @@ __all__ = [
     "map_replicated",
     "map_whole_matrices",
     "orthogonalize_sharded",
+    "project_spectral_ball_replicated",
     "project_spectral_ball_sharded",
     "rank_world",
 ]
@@ -274,16 +275,32 @@ def project_spectral_ball_sharded(params: Sequence[Tensor], bound: float, *, str
     (Muon's ``max_spectral_norm``) needs whole matrices like ``msign``; they are
     moved with :func:`map_whole_matrices`.
     """
-    from .optim.muon import matrix_shape, project_spectral_ball
+    from .optim.muon import matrix_shape
+
+    mats = [p.reshape(matrix_shape(p.shape)) for p in params]
+    for p, new in zip(params, map_whole_matrices(mats, _ball(bound), strategy=strategy)):
+        p.copy_(new.view(p.shape))
+
+
+def project_spectral_ball_replicated(params: Sequence[Tensor], bound: float, *, group: Any = None) -> None:
+    """``W ← c·mclip(W/c)`` in place for replicated (DDP) parameters, the matrices dealt out by :func:`map_replicated`."""
+    from .optim.muon import matrix_shape
+
+    mats = [p.reshape(matrix_shape(p.shape)) for p in params]
+    for p, new in zip(params, map_replicated(mats, _ball(bound), group=group)):
+        p.copy_(new.view(p.shape))
+
+
+def _ball(bound: float) -> Callable[[list[Tensor]], list[Tensor]]:
+    """The spectral-ball projection as a whole-matrix map (copies in, projected copies out)."""
+    from .optim.muon import project_spectral_ball
 
     def clip(ws: list[Tensor]) -> list[Tensor]:
         ws = [w.clone() for w in ws]
         project_spectral_ball(ws, bound)
         return ws
 
-    mats = [p.reshape(matrix_shape(p.shape)) for p in params]
-    for p, new in zip(params, map_whole_matrices(mats, clip, strategy=strategy)):
-        p.copy_(new.view(p.shape))
+    return clip
 
 
 def _row_counts(m: int, world: int) -> list[int]:

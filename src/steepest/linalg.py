@@ -267,9 +267,9 @@ def _frobenius(X: Tensor) -> Tensor:
     """‖X‖_F over the last two dims, exact for inputs from 1e-30 to 1e30.
 
     Accumulating in float64 keeps float32 sums of squares from overflowing or
-    underflowing, but on CPU it costs 30× the float32 reduction (20 ms on 6×2048×512,
-    most of Muon's work outside NS). There the float32 norm is used whenever it is
-    finite and ≥ 1e-10 (squares lost to underflow then weigh < numel·1e-18 of it).
+    underflowing, but on CPU it costs 30× the float32 reduction (20 vs 0.7 ms on a
+    6×2048×512 float32 batch, measured). There the float32 norm is used whenever it
+    is finite and ≥ 1e-10 (squares lost to underflow then weigh < numel·1e-18 of it).
     """
     if X.device.type == "cpu" and X.dtype != torch.float64:
         n = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)

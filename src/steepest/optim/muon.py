@@ -122,8 +122,8 @@ def _schedule_key(schedule: Any) -> Any:
 
 
 # Same-shaped matrices are stacked for one batched NS, except on CPU above this many
-# entries: there bmm ran 5-8% slower than a loop of GEMMs (512×512 and 512×2048, 1
-# and 2 threads), while small matrices gain 2.4× (64×64) from batching.
+# entries: there bmm ran about 5% slower than a loop of GEMMs (512×512 and 512×2048,
+# 1 and 2 threads), while small matrices gain 2.4× (64×64) from batching.
 _CPU_BATCH_MAX = 1 << 17
 
 
@@ -581,20 +581,10 @@ class Muon(SkippingOptimizer):
                 max_spectral_norm=None if spread_ball else bound,
             )
             if spread_ball:  # the projection is a whole-matrix map too: deal it out like NS
-                self._project_replicated(ps, float(bound))
+                from ..distributed import project_spectral_ball_replicated
+
+                project_spectral_ball_replicated(ps, float(bound), group=self._process_group)
         return loss
-
-    def _project_replicated(self, ps: list[Tensor], bound: float) -> None:
-        from ..distributed import map_replicated
-
-        def clip(ws: list[Tensor]) -> list[Tensor]:
-            ws = [w.clone() for w in ws]
-            project_spectral_ball(ws, bound)
-            return ws
-
-        mats = [p.reshape(matrix_shape(p.shape)) for p in ps]
-        for p, new in zip(ps, map_replicated(mats, clip, group=self._process_group)):
-            p.copy_(new.view_as(p))
 
     def _orthogonalize(self, mats: list[Tensor], **ns: Any) -> list[Tensor]:
         if any(type(m).__name__ == "DTensor" for m in mats):  # FSDP2: rows of each matrix live on several ranks
