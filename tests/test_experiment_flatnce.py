@@ -42,3 +42,18 @@ def test_few_shot_draws_have_k_per_class():
             assert len(set(idx.tolist())) == 10 * k
             assert np.all(np.bincount(y[idx], minlength=10) == k)
         assert all(np.array_equal(a, b) for a, b in zip(draws, E.few_shot_draws(y, k, 4, seed=0)))
+
+
+def test_gaps_by_arm_pairs_seeds_at_the_smallest_common_batch():
+    runs = []
+    for arm, batches in (("fp32", (8, 16)), ("bf16", (16, 32))):
+        for b in batches:
+            for s in (0, 1):
+                for loss, acc in (("flatnce", 70.0 + s + (b == 16) * 5), ("infonce", 68.0 + 2 * s)):
+                    r = E.Run(loss, b, 0.1, s, arm)
+                    r.probe = {"1-shot": acc}
+                    runs.append(r)
+    (b, t), gaps = E._gaps_by_arm(runs)
+    assert (b, t) == (16, 0.1)
+    assert gaps == {"fp32": [7.0, 6.0], "bf16": [7.0, 6.0]}
+    assert E._gaps_by_arm([r for r in runs if r.precision == "fp32"]) is None
