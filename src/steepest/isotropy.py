@@ -1,22 +1,28 @@
 """Isotropy: whitening, isotropy diagnostics and feature-space steepest descent.
 
-The argument (seed 000, "why we prefer isotropy"; SPEC §5): for a linear layer
-``Y = X W`` with input ``X`` (b × d_in) and ``G = ∂L/∂Y``, gradient descent moves
-the features by ``ΔY = −η X Xᵀ G``. That is the steepest direction *in feature
-space* (``−G``) only when ``X Xᵀ ∝ I``. Muon moves them by
+Source: Su, *Why we prefer isotropy: an understanding via steepest descent*,
+https://kexue.fm/archives/11549 ("the isotropy note" below). The argument: for a
+linear layer ``Y = X W`` with input ``X`` (b × d_in) and ``G = ∂L/∂Y``, gradient
+descent moves the features by ``ΔY = −η X Xᵀ G``. That is the steepest direction
+*in feature space* (``−G``) only when ``X Xᵀ ∝ I``. Muon (Keller Jordan, *Muon:
+An optimizer for hidden layers in neural networks* (2024),
+https://kellerjordan.github.io/posts/muon/) moves them by
 ``ΔY = −η X msign(XᵀG) = −η X XᵀG (GᵀX XᵀG)^{-1/2}``, which becomes the spectral
-steepest direction ``−η msign(G)`` under the same condition; SignSGD has no such
-property. Whitening ``X (XᵀX)^{-1/2}`` makes features isotropic; BatchNorm is its
-diagonal approximation, LayerNorm / RMSNorm put each sample on a sphere.
+steepest direction ``−η msign(G)`` under the same condition; SignSGD (Bernstein
+et al., *signSGD: Compressed Optimisation for Non-Convex Problems* (2018),
+arXiv:1802.04434) has no such property. Whitening ``X (XᵀX)^{-1/2}`` makes
+features isotropic; BatchNorm is its diagonal approximation, LayerNorm / RMSNorm
+put each sample on a sphere.
 
 This module provides the pieces to test the argument:
 
 - :func:`whiten` — uncentered ``X (XᵀX + εI)^{-1/2}`` or centered ZCA whitening
   (differentiable);
 - :class:`Whitening` — a whitening layer in the manner of IterNorm (Huang et al.,
-  "Iterative Normalization: Beyond Standardization towards Efficient Whitening",
-  CVPR 2019): batch statistics in training, running statistics in eval, exact
-  (eigh) or Newton–Schulz inverse square root, group-wise;
+  *Iterative Normalization: Beyond Standardization towards Efficient Whitening*,
+  CVPR 2019, arXiv:1904.03441): batch statistics in training, running
+  statistics in eval, exact (eigh) or Newton–Schulz inverse square root,
+  group-wise;
 - :func:`isotropy_metrics` — how far a batch of features is from isotropic;
 - :func:`feature_alignment` — cosine between a rule's feature update ``X ΔW`` and
   its feature-space steepest direction;
@@ -49,7 +55,8 @@ __all__ = [
 
 #: Update rules / norms understood by :func:`feature_alignment` and
 #: :class:`AlignmentMonitor`: the parameter update each applies to the weight
-#: gradient, and the norm in which it is steepest (seed 000; SPEC §2).
+#: gradient, and the norm in which it is steepest (the isotropy note; Muon's
+#: spectral-norm reading is Keller Jordan's Muon post).
 RULES = {
     "sgd": "Frobenius (Euclidean) norm: ΔW = −XᵀG, steepest feature direction −G",
     "muon": "spectral norm: ΔW = −msign(XᵀG), steepest feature direction −msign(G)",
@@ -100,12 +107,14 @@ def _assert_nonsingular(K: Tensor, what: str) -> None:
 def whiten(X: Tensor, centered: bool = False, eps: float = 0.0) -> Tensor:
     """Whiten the rows of ``X`` (shape ``(..., n, d)``: n samples of d features).
 
-    - ``centered=False`` (the seed's formula, seed 000 §"标准化层"):
+    - ``centered=False`` (the isotropy note's formula, in its section on
+      normalization layers, "标准化层"):
       ``X (XᵀX + εI)^{-1/2}``. For ε = 0 the result ``Y`` has ``YᵀY = I`` when
       n ≥ d and ``YYᵀ = I`` when n ≤ d: it is the orthogonal polar factor
       ``msign(X) = U Vᵀ``. It solves ``min_A ‖(XA)(XA)ᵀ − I‖`` with
       ``AAᵀ = (XᵀX)^{-1}``.
-    - ``centered=True`` (ZCA, Bell & Sejnowski 1997; Kessy et al. 2018):
+    - ``centered=True`` (ZCA, Bell & Sejnowski 1997; Kessy, Lewin, Strimmer,
+      *Optimal Whitening and Decorrelation*, The American Statistician 2018):
       ``X_c (X_cᵀX_c / n + εI)^{-1/2}`` with ``X_c = X − mean``; the result has
       mean 0 and (biased) covariance ``YᵀY / n = I`` (for ε = 0, n > d).
 
@@ -113,8 +122,9 @@ def whiten(X: Tensor, centered: bool = False, eps: float = 0.0) -> Tensor:
     ``U Σ (Σ² + ε)^{-1/2} Vᵀ``) lets the inverse square root be taken on the
     smaller Gram side. Computed in float64 (the Gram matrix squares the condition
     number), returned in X's dtype. Differentiable (through
-    :func:`steepest.linalg.inv_sqrt`, exact eigh). With ε = 0 a singular Gram matrix (rank-deficient X, or centered
-    with n ≤ d) raises ``ValueError``; pass ε > 0.
+    :func:`steepest.linalg.inv_sqrt`, exact eigh). With ε = 0 a singular Gram
+    matrix (rank-deficient X, or centered with n ≤ d) raises ``ValueError``;
+    pass ε > 0.
     """
     X = check_tensor(X, "X", min_ndim=2)
     eps = _check_eps(eps)
@@ -159,13 +169,14 @@ class Whitening(nn.Module):
     """Whitening layer (ZCA or uncentered), in the manner of IterNorm.
 
     For features ``x`` with C = ``num_features`` channels, split into ``groups``
-    groups of c = C / groups channels (group-wise whitening, Huang et al. 2018
-    "Decorrelated Batch Normalization"; IterNorm 2019), each group is mapped to
+    groups of c = C / groups channels (group-wise whitening, Huang et al.,
+    *Decorrelated Batch Normalization*, CVPR 2018, arXiv:1804.08450; IterNorm
+    2019), each group is mapped to
 
         y = Σ^{-1/2} (x − μ),      Σ = E[(x − μ)(x − μ)ᵀ] + εI,
 
     with μ = 0 when ``centered=False`` (then Σ is the second moment E[x xᵀ] + εI,
-    the seed's uncentered whitening with the 1/n scaling of a covariance). In
+    the isotropy note's uncentered whitening with the 1/n scaling of a covariance). In
     training, μ and Σ are the batch statistics (gradients flow through them) and
     the running estimates ``running_mean`` / ``running_cov`` are updated with
     ``momentum`` like BatchNorm (unbiased covariance for the running estimate).
@@ -187,6 +198,34 @@ class Whitening(nn.Module):
     Note: with fewer samples per batch than channels per group the batch
     covariance is singular; ε then sets the gain of the unseen directions
     (1/√ε). Use groups (c < samples) or a larger ε in that regime.
+
+    Args:
+        num_features: C, the number of channels (dim 1 of the input); a
+            positive int.
+        centered: default ``True``: subtract the mean μ (ZCA whitening). ``False``
+            whitens the uncentered second moment (μ = 0; ``running_mean`` is
+            then never updated).
+        momentum: default ``0.1``, a float in [0, 1]. Running statistics are
+            updated as ``running = (1 − momentum)·running + momentum·batch``
+            (``None``, BatchNorm's cumulative average, is not accepted).
+        eps: default ``1e-5``, a finite float ≥ 0; ``εI`` is added to Σ. With
+            ``eps=0`` training needs more samples than channels per group
+            (otherwise ``ValueError``).
+        groups: default ``1``, a positive int dividing ``num_features``. The
+            channels are whitened independently in ``groups`` blocks of
+            ``C / groups`` (Σ is block diagonal).
+        method: ``"eigh"`` (default; exact Σ^{-1/2} by eigendecomposition) or
+            ``"newton_schulz"`` (coupled Newton–Schulz iteration).
+        iters: default ``None``; a positive int or ``None``. The number of
+            Newton–Schulz steps (IterNorm uses 5); ``None`` iterates to
+            convergence (see :func:`steepest.linalg.inv_sqrt`). Ignored by
+            ``"eigh"``.
+        affine: default ``True``: a learnable per-channel scale ``weight``
+            (init 1) and shift ``bias`` (init 0) follow the whitening.
+        track_running_stats: default ``True``: keep ``running_mean``,
+            ``running_cov`` (``(groups, c, c)``, init I) and
+            ``num_batches_tracked``, and use them in eval. ``False``: batch
+            statistics in train and eval, no buffers.
     """
 
     def __init__(
@@ -305,14 +344,15 @@ class Whitening(nn.Module):
 
 # ----------------------------------------------------------------------------- metrics
 def isotropy_metrics(X: Tensor) -> dict[str, float]:
-    """How isotropic the rows of ``X`` (n samples × d features) are (seed 000).
+    """How isotropic the rows of ``X`` (n samples × d features) are (the isotropy note).
 
     Returns a dict of floats (computed in float64):
 
     - ``gram_distance``: ``min_c ‖XXᵀ − cI‖_F / ‖XXᵀ‖_F`` with the optimal
       ``c = tr(XXᵀ)/n``, i.e. ``sqrt(1 − tr(XXᵀ)² / (n ‖XXᵀ‖_F²))``: 0 when
-      ``XXᵀ ∝ I`` (the seed's isotropy condition), near 1 when rank one.
-      Computed on the smaller Gram side (``‖XXᵀ‖_F = ‖XᵀX‖_F``).
+      ``XXᵀ ∝ I`` (the isotropy note's condition), near 1 when rank one.
+      Computed on the smaller Gram side (``‖XXᵀ‖_F = ‖XᵀX‖_F``). ``XXᵀ`` has
+      rank ≤ d, so for n > d it is at least ``sqrt(1 − d/n)``.
     - ``effective_rank``: ``exp(H(p))``, ``p_i = σ_i / Σσ`` over the singular
       values of X (Roy & Vetterli 2007); between 1 and min(n, d).
     - ``condition_number``: ``λ_max / λ_min`` of the centered covariance
@@ -380,7 +420,7 @@ def steepest_feature_direction(G: Tensor, rule: str, *, schedule: Any = "svd") -
 
     ``−G`` (sgd / Frobenius), ``−msign(G)`` (muon / spectral), ``−sign(G)``
     (signsgd / max norm), for ``G = ∂L/∂Y`` of shape ``(..., b, d_out)``
-    (seed 000; SPEC §2, §5).
+    (the isotropy note; Muon's spectral norm: Keller Jordan's Muon post).
     """
     G = check_tensor(G, "G", min_ndim=2)
     rule = _check_rule(rule)
@@ -390,7 +430,7 @@ def steepest_feature_direction(G: Tensor, rule: str, *, schedule: Any = "svd") -
 def feature_alignment(X: Tensor, G: Tensor, rule: str, *, schedule: Any = "svd") -> Tensor:
     """Cosine between a rule's feature update and the feature-space steepest direction.
 
-    For a linear layer ``Y = X W`` (seed convention: W is d_in × d_out; for
+    For a linear layer ``Y = X W`` (the isotropy note's convention: W is d_in × d_out; for
     ``nn.Linear`` the weight is its transpose) with input ``X`` (..., b, d_in) and
     ``G = ∂L/∂Y`` (..., b, d_out), the parameter gradient is ``XᵀG`` and
 
@@ -399,7 +439,7 @@ def feature_alignment(X: Tensor, G: Tensor, rule: str, *, schedule: Any = "svd")
     - ``rule="signsgd"``: ``ΔW = −sign(XᵀG)``,  direction ``D = −sign(G)``.
 
     Returns ``cos(X ΔW, D) = ⟨XΔW, D⟩_F / (‖XΔW‖_F ‖D‖_F)`` over the leading
-    batch dims (0 where either is zero). Seed 000: this is 1 for SGD and Muon
+    batch dims (0 where either is zero). The isotropy note: this is 1 for SGD and Muon
     whenever ``XXᵀ ∝ I`` (e.g. orthonormal rows); SignSGD has no such guarantee.
     ``schedule`` is passed to :func:`steepest.linalg.msign` (default exact SVD).
     """
@@ -431,7 +471,7 @@ class AlignmentMonitor:
 
     and stores ``cos(ΔY, D)`` for each requested norm, ``D`` being the
     steepest feature direction (:func:`steepest_feature_direction`: −G,
-    −msign(G), −sign(G)) — the measurement of seed 000 / SPEC §5, for any
+    −msign(G), −sign(G)) — the measurement of the isotropy note, for any
     optimizer. With several forwards between two steps the last one counts.
 
     ``history[layer][norm]`` is the list of cosines, ``steps[layer]`` the

@@ -1,4 +1,10 @@
-r"""Contrastive losses: InfoNCE and FlatNCE (seed 003; SPEC.md §3).
+r"""Contrastive losses: InfoNCE and FlatNCE.
+
+Sources: Su, *FlatNCE: is floating-point error why small-batch contrastive
+learning does poorly?*, https://kexue.fm/archives/8586 ("the FlatNCE note"
+below; equation numbers refer to it), and the paper it reads, Chen et al.,
+*Simpler, Faster, Stronger: Breaking The log-K Curse On Contrastive Learners
+With FlatNCE* (2021), arXiv:2107.01152.
 
 One anchor has scores ``s_1..s_K`` (usually cosine similarity / temperature) and
 a positive ``t``; the others are its negatives. With
@@ -6,16 +12,15 @@ a positive ``t``; the others are its negatives. With
     ξ = Σ_{i≠t} exp(s_i − s_t),
 
 * **InfoNCE** (cross-entropy) is ``logsumexp_i s_i − s_t = log(1 + ξ)``;
-* **FlatNCE** (Chen et al. 2021, "Simpler, Faster, Stronger: Breaking the log-K
-  curse on contrastive learners with FlatNCE", arXiv:2107.01152) is the loss
-  ``ξ / sg(ξ)`` (``sg`` = stop-gradient). Its gradient is that of
+* **FlatNCE** (Chen et al. 2021) is the loss ``ξ / sg(ξ)`` (``sg`` =
+  stop-gradient). Its gradient is that of
 
       log ξ = logsumexp_{i≠t} s_i − s_t,
 
-  i.e. cross-entropy with the positive *removed* from the logsumexp (seed 003
-  writes it this way). Its value can be negative; that is normal.
+  i.e. cross-entropy with the positive *removed* from the logsumexp (the FlatNCE
+  note writes it this way). Its value can be negative; that is normal.
 
-Why it matters (seed 003): once pairs are separated, ξ → 0 and
+Why it matters (the FlatNCE note): once pairs are separated, ξ → 0 and
 ``∇ log(1 + ξ) = ξ/(1 + ξ) · ∇ log ξ`` shrinks with ξ. Below the floating-point
 unit roundoff (ξ < 2⁻²⁴ in float32, 2⁻⁸ in bfloat16) the cross-entropy gradient on
 the positive is exactly zero while an adaptive optimizer still takes full-size
@@ -155,7 +160,10 @@ def info_nce(
     positive_mask: Tensor | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    r"""InfoNCE: ``logsumexp_i s_i − s_t = log(1 + ξ)`` per anchor (seed 003, eq. 1).
+    r"""InfoNCE: ``logsumexp_i s_i − s_t = log(1 + ξ)`` per anchor (the FlatNCE note, eq. 1).
+
+    The InfoNCE loss of van den Oord et al., *Representation Learning with
+    Contrastive Predictive Coding* (2018), arXiv:1807.03748.
 
     With ``target`` (B,) indices this equals ``F.cross_entropy(logits, target,
     reduction=reduction)``. With ``positive_mask`` (B, K) booleans (several
@@ -189,7 +197,7 @@ def flat_nce(
     value: str = "log_xi",
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    r"""FlatNCE (Chen et al. 2021; seed 003 eqs. 3–5): gradient of ``ξ / sg(ξ)`` = gradient of ``log ξ``.
+    r"""FlatNCE (Chen et al. 2021; the FlatNCE note, eqs. 3–5): gradient of ``ξ / sg(ξ)`` = gradient of ``log ξ``.
 
     ``log ξ = logsumexp_{i≠t} s_i − s_t``: cross-entropy with the positive excluded
     from the logsumexp, so ``∂/∂s_t = −1`` for every anchor however well separated
@@ -198,7 +206,7 @@ def flat_nce(
 
     The gradient is the same whatever ``value`` reports:
 
-    * ``"log_xi"`` (default): ``log ξ``; can be negative (seed 003: "that is normal").
+    * ``"log_xi"`` (default): ``log ξ``; can be negative (the FlatNCE note: "that is normal").
     * ``"info_nce"``: the InfoNCE value ``log(1 + ξ)``, for monitoring — computed as
       ``log ξ + sg(log(1 + ξ) − log ξ)``.
     * ``"xi_over_sg"``: the paper's form ``exp(log ξ − sg(log ξ))``, value 1.
@@ -319,6 +327,9 @@ def pair_logits(
 ) -> tuple[Tensor, Tensor]:
     r"""The NT-Xent score matrix of 2N views (SimCLR; lightly's ``NTXentLoss`` layout), self excluded.
 
+    SimCLR: Chen, Kornblith, Norouzi, Hinton, *A Simple Framework for
+    Contrastive Learning of Visual Representations* (2020), arXiv:2002.05709.
+
     Views ``v = [z1; z2]`` are L2-normalised; row ``a`` holds
     ``cos(v_a, v_b) / temperature`` for every ``b ≠ a`` (2N − 1 columns); its
     positive is the other view of the same sample (``a ± N``), the other 2N − 2 are
@@ -383,7 +394,7 @@ def flat_nce_pairs(
     gather_distributed: bool = False,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    r"""FlatCLR / DCL: :func:`flat_nce` on :func:`pair_logits`.
+    r"""FlatCLR (Chen et al. 2021) / DCL: :func:`flat_nce` on :func:`pair_logits`.
 
     Per view a: ``log Σ_{b∉{a,a⁺}} e^{c_{ab}/τ} − c_{a,a⁺}/τ`` — exactly the
     Decoupled Contrastive Learning loss (Yeh et al. 2022, eq. 6; lightly's
@@ -415,8 +426,8 @@ def nce_diagnostics(
     * ``share_below_resolution``: share of anchors whose InfoNCE gradient on the
       positive, ``ξ/(1 + ξ)``, is below the unit roundoff ``u = eps/2`` of
       ``resolution_dtype`` (2⁻²⁴ in float32, 2⁻⁸ in bfloat16): there
-      ``softmax − onehot`` rounds the positive's gradient to exactly 0 (seed 003's
-      floating-point argument; tests check it against ``F.cross_entropy``'s gradient);
+      ``softmax − onehot`` rounds the positive's gradient to exactly 0 (the FlatNCE
+      note's floating-point argument; tests check it against ``F.cross_entropy``'s gradient);
     * ``info_nce`` and ``log_xi``: the means of ``log(1 + ξ)`` and ``log ξ``;
     * ``n``: number of anchors.
     """
@@ -447,6 +458,11 @@ def nce_diagnostics(
 
 # --------------------------------------------------------------------------- modules
 class _PairLoss(nn.Module):
+    """Temperature, reduction and distributed options shared by the pair-loss modules.
+
+    The arguments are documented in :class:`InfoNCELoss`.
+    """
+
     def __init__(
         self,
         temperature: float = 0.1,
@@ -492,9 +508,29 @@ class _PairLoss(nn.Module):
 class InfoNCELoss(_PairLoss):
     r"""Module form of :func:`info_nce_pairs` (NT-Xent): ``loss = module(z1, z2)``.
 
+    ``z1``, ``z2``: ``(N, D)`` embeddings of two views, row ``i`` of each a
+    positive pair, N ≥ 2 (in the global batch when gathering).
+
     ``learnable_temperature=True`` learns ``log τ`` (an ``nn.Parameter``), used as
     ``τ = exp(clamp(log τ, log low, log high))`` with ``temperature_range=(low, high)``
     (CLIP-style clamping: without it τ shrinks without bound once pairs separate).
+
+    Args:
+        temperature: τ, the divisor of the cosine similarities; default ``0.1``.
+            A positive finite float. With ``learnable_temperature`` it is the
+            initial value and must lie in ``temperature_range``.
+        learnable_temperature: default ``False``. If ``True``, τ is learned as
+            the parameter ``log_temperature`` (initialised to ``log temperature``);
+            the :attr:`temperature` property then returns a differentiable tensor.
+        temperature_range: ``(low, high)``, default ``(0.01, 1.0)``, with
+            ``0 < low <= high < inf``. The clamp applied to a learnable τ; it is
+            validated but unused when τ is fixed.
+        gather_distributed: default ``False``. If ``True`` and a process group
+            of world size W > 1 is initialised, the negatives are all W·2N views,
+            gathered with gradients (see :func:`pair_logits`); equal N on every
+            rank is required. Without a group it is the local loss.
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (one value per
+            local view, shape ``(2N,)``).
     """
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
@@ -506,10 +542,32 @@ class InfoNCELoss(_PairLoss):
 class FlatNCELoss(_PairLoss):
     r"""Module form of :func:`flat_nce_pairs` (FlatCLR = DCL): ``loss = module(z1, z2)``.
 
-    ``value`` picks what the loss reports (``"log_xi"``, ``"info_nce"`` or
-    ``"xi_over_sg"``, see :func:`flat_nce`); the gradient is the same. Temperature
-    options as in :class:`InfoNCELoss` (FlatNCE's value is unbounded below, so with a
-    learnable τ the clamp's lower bound is what keeps it finite).
+    Per view ``a``: ``log Σ_{b∉{a,a⁺}} e^{c_{ab}/τ} − c_{a,a⁺}/τ`` (``c`` the cosine
+    similarity), the FlatNCE of Chen et al. 2021 and the FlatNCE note.
+    ``value`` picks what the loss reports; the gradient is the same. FlatNCE's
+    value is unbounded below, so with a learnable τ the clamp's lower bound is
+    what keeps it finite.
+
+    Args:
+        temperature: τ, the divisor of the cosine similarities; default ``0.1``.
+            A positive finite float. With ``learnable_temperature`` it is the
+            initial value and must lie in ``temperature_range``.
+        value: what the loss reports, default ``"log_xi"``: ``"log_xi"`` (``log ξ``,
+            can be negative), ``"info_nce"`` (the InfoNCE value ``log(1 + ξ)``,
+            for monitoring) or ``"xi_over_sg"`` (``ξ / sg(ξ)``, always 1); see
+            :func:`flat_nce`.
+        learnable_temperature: keyword, default ``False``. If ``True``, τ is
+            learned as the parameter ``log_temperature`` (initialised to
+            ``log temperature``) and used as ``exp(clamp(log τ, log low, log high))``.
+        temperature_range: keyword, ``(low, high)``, default ``(0.01, 1.0)``, with
+            ``0 < low <= high < inf``. The clamp applied to a learnable τ; it is
+            validated but unused when τ is fixed.
+        gather_distributed: keyword, default ``False``. If ``True`` and a process
+            group of world size W > 1 is initialised, the negatives are all W·2N
+            views, gathered with gradients (see :func:`pair_logits`); equal N on
+            every rank is required. Without a group it is the local loss.
+        reduction: keyword, ``"mean"`` (default), ``"sum"`` or ``"none"`` (one
+            value per local view, shape ``(2N,)``).
     """
 
     def __init__(self, temperature: float = 0.1, *, value: str = "log_xi", **kwargs: Any) -> None:

@@ -1,8 +1,9 @@
 """Input- and parameter-gradient penalties, and the inequality linking them.
 
-Source: seed note 001 ("an inequality between input and parameter gradient
-penalties", after Dherin et al., *The Geometric Occam's Razor Implicit in Deep
-Learning*, arXiv:2111.15090), SPEC.md section 4.
+Source: Su, *An inequality between input-gradient and parameter-gradient
+penalties*, https://kexue.fm/archives/8796 ("the penalties note" below), after
+Dherin et al., *The Geometric Occam's Razor Implicit in Deep Learning* (2021),
+arXiv:2111.15090.
 
 For an MLP ``h^{(t+1)} = g^{(t)}(W^{(t)} h^{(t)} + b^{(t)})``, ``h^{(1)} = x``, and a
 scalar ``f`` of the output, per example::
@@ -94,9 +95,9 @@ def check_per_example(module: nn.Module | None) -> None:
 
     Per-example gradients computed as gradients of a batch sum (this module's
     method) are wrong when examples interact; BatchNorm in train mode normalises
-    with batch statistics, so ``f(x)_i`` depends on every ``x_j`` (seed 001 only
-    covers per-example MLPs). ``module.eval()`` or a per-example normalisation
-    (LayerNorm, GroupNorm) fixes it.
+    with batch statistics, so ``f(x)_i`` depends on every ``x_j`` (the penalties
+    note only covers per-example MLPs). ``module.eval()`` or a per-example
+    normalisation (LayerNorm, GroupNorm) fixes it.
     """
     if module is None:
         return
@@ -161,8 +162,8 @@ def input_grad_norm2(
 
     ``f`` maps a batch ``x`` (``(B, ...)``) to per-example scalars ``(B,)`` and must
     not mix examples (see :func:`check_per_example`); typically
-    ``f = lambda x: F.cross_entropy(model(x), y, reduction="none")``. Seed note 001,
-    SPEC.md section 4.
+    ``f = lambda x: F.cross_entropy(model(x), y, reduction="none")``. The
+    input-gradient penalty of the penalties note.
 
     ``method="exact"``: double backprop, ``g_i = ∇_{x_i} Σ_j f_j``, ``‖g_i‖²``. With
     ``create_graph=True`` the result is differentiable (a penalty term).
@@ -248,9 +249,10 @@ def _check_scalar_loss(loss: Tensor) -> None:
 def param_grad_norm2(loss: Tensor, params: Iterable[Tensor], *, create_graph: bool = True) -> Tensor:
     """``‖∇_θ loss‖² = Σ_p ‖∂loss/∂p‖²`` (a scalar), differentiable by double backprop.
 
-    The parameter-gradient penalty of seed note 001 / SPEC.md section 4 (the
-    implicit regulariser of gradient descent, Barrett & Dherin 2021). ``loss`` is a
-    scalar that must still have its graph; parameters it does not reach count as 0.
+    The parameter-gradient penalty of the penalties note (the implicit
+    regulariser of gradient descent: Barrett & Dherin, *Implicit Gradient
+    Regularization* (2021), arXiv:2009.11162). ``loss`` is a scalar that must
+    still have its graph; parameters it does not reach count as 0.
     """
     _check_scalar_loss(loss)
     ps = _param_list(params)
@@ -263,7 +265,7 @@ def param_grad_norm2(loss: Tensor, params: Iterable[Tensor], *, create_graph: bo
 
 
 class FDPenaltyGrads(NamedTuple):
-    """What :func:`param_penalty_grads_fd` returns: ``g``, ``‖g‖²`` and ``2[g(θ+εg) − g(θ)]/ε`` (seed note 001)."""
+    """What :func:`param_penalty_grads_fd` returns: ``g``, ``‖g‖²`` and ``2[g(θ+εg) − g(θ)]/ε`` (the penalties note)."""
 
     loss: Tensor  #: the loss at θ (detached)
     grads: list[Tensor]  #: g = ∇_θ loss at θ
@@ -282,7 +284,7 @@ def param_penalty_grads_fd(
     """Gradient of the parameter penalty ``‖∇_θ L‖²`` by a finite difference, two backward passes.
 
     ``closure()`` recomputes the scalar loss ``L`` at the current parameters (as
-    in ``torch.optim.LBFGS``). With ``g = ∇_θ L(θ)`` (seed note 001, SPEC.md §4)::
+    in ``torch.optim.LBFGS``). With ``g = ∇_θ L(θ)`` (the penalties note)::
 
         [g(θ + εg) − g(θ)] / ε = H g + O(ε),   H = ∇²_θ L,   ∇_θ ‖g‖² = 2 H g
 
@@ -342,7 +344,7 @@ def param_penalty_grads_fd(
 class LayerTerms:
     """Per-layer terms of :func:`occam_bound` for the ``t``-th ``Linear`` (per-example tensors are ``(B,)``).
 
-    Seed note 001: ``lhs = ‖∇_x f‖² (1 + ‖h‖²)/(‖W‖² ‖∇_x h‖²) ≤ ‖∇_W f‖² + ‖∇_b f‖² = rhs``.
+    The penalties note: ``lhs = ‖∇_x f‖² (1 + ‖h‖²)/(‖W‖² ‖∇_x h‖²) ≤ ‖∇_W f‖² + ‖∇_b f‖² = rhs``.
     """
 
     index: int  #: position of the Linear in the flattened Sequential
@@ -359,7 +361,7 @@ class LayerTerms:
 
 @dataclass(frozen=True)
 class OccamBound:
-    """Both sides of the seed-001 inequality per example (Dherin et al., arXiv:2111.15090)::
+    """Both sides of the penalties note's inequality per example (Dherin et al., arXiv:2111.15090)::
 
         lhs = ‖∇_x f‖² Σ_t (1 + ‖h_t‖²)/(‖W_t‖² ‖∇_x h_t‖²)  ≤  ‖∇_θ f‖² = rhs
     """
@@ -438,7 +440,7 @@ def occam_bound(
 ) -> OccamBound:
     """Both sides of ``‖∇_x f‖² Σ_t (1 + ‖h_t‖²) / (‖W_t‖² ‖∇_x h_t‖²) ≤ ‖∇_θ f‖²`` per example.
 
-    Seed note 001 (Dherin et al., arXiv:2111.15090), SPEC.md section 4. ``model`` is
+    The penalties note (after Dherin et al., arXiv:2111.15090). ``model`` is
     an ``nn.Sequential`` (nested ones are flattened) of ``nn.Linear`` layers and
     elementwise activations (:data:`ELEMENTWISE_ACTIVATIONS`; Dropout in eval mode
     is the identity); anything else raises. Layer ``t`` is the ``t``-th Linear,
