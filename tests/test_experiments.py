@@ -43,3 +43,67 @@ def test_flatnce_results_do_not_depend_on_jobs(tmp_path):
         runs.append([{k: v for k, v in r.items() if k != "seconds"} for r in section["runs"]])
     assert len(runs[0]) >= 4
     assert runs[0] == runs[1]
+
+
+def _old_digits_split(test_size, seed, images=False):
+    """The experiments' stratified split as it was written before the shared loader."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = (d.images[:, None] if images else d.data) / 16.0
+    xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=test_size, random_state=seed, stratify=d.target)
+    f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    return f32(xtr), torch.from_numpy(ytr).long(), f32(xte), torch.from_numpy(yte).long()
+
+
+def _old_permutation_split(seed):
+    """eg's 60/20/20 split as it was written before the shared loader."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    perm = np.random.default_rng(seed).permutation(len(y))
+    n_tr, n_va = int(0.6 * len(y)), int(0.2 * len(y))
+    tr, va, te = perm[:n_tr], perm[n_tr:n_tr + n_va], perm[n_tr + n_va:]
+    mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-8
+    Xs = torch.tensor((X - mu) / sd, dtype=torch.float32)
+    yt = torch.tensor(y)
+    return {"xtr": Xs[tr], "ytr": yt[tr], "xva": Xs[va], "yva": yt[va], "xte": Xs[te], "yte": yt[te]}
+
+
+def _old_generator_split(seed):
+    """isotropy's split as it was written before the shared loader."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    X = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    te, tr = perm[:360], perm[360:]
+    return X[tr], y[tr], X[te], y[te]
+
+
+def _identical(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and bool((a == b).all())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shared_digits_loader_keeps_every_split_bit_for_bit(seed):
+    """The published numbers rest on these splits: the one loader must reproduce each exactly."""
+    from steepest.experiments import _data
+
+    cases = [
+        (_data.digits_split(0.25, seed), _old_digits_split(0.25, seed)),          # optim, penalties
+        (_data.digits_split(600, seed, images=True), _old_digits_split(600, seed, images=True)),  # flatnce
+        (_data.digits_generator_split(seed), _old_generator_split(seed)),         # isotropy
+        (tuple(_data.digits_permutation_split(seed).values()), tuple(_old_permutation_split(seed).values())),  # eg
+    ]
+    for new, old in cases:
+        assert len(new) == len(old)
+        for a, b in zip(new, old):
+            assert _identical(a, b)

@@ -1,4 +1,7 @@
-"""Exponentiated gradient (seed 004): EGD under constraints, and EG step sizes against a mis-set lr.
+"""Exponentiated gradient: EGD under constraints, and EG step sizes against a mis-set lr.
+
+The note: Su, *Exponentiated gradient descent + meta-learning = adaptive learning
+rates*, kexue.fm/archives/8968.
 
 Part 1 — non-negative least squares and mixture weights on the simplex: EGD
 (:func:`steepest.optim.egd_step`) against projected gradient descent, objective gap
@@ -9,7 +12,10 @@ Part 2 — learning-rate robustness on a digits MLP (sklearn ``load_digits``, fi
 60/20/20 split): final validation loss versus the initial lr over ×0.01 … ×100 of
 the tuned lr, for SGD, :class:`~steepest.optim.EGStepSize` (three granularities),
 :class:`~steepest.optim.EGDD`, :class:`~steepest.optim.HypergradientSGD`, Adam,
-and the seed rule on top of Adam; plus the learned rates over time.
+and the note's rule on top of Adam; plus the learned rates over time.
+
+Measuring (``_best_runs``, ``_tune``, ``_lr_grid``, ``_goal``, ``_kappa_runs``) returns
+plain data; the ``_report_*`` / ``_plot_*`` functions write it through the context.
 """
 
 from __future__ import annotations
@@ -22,16 +28,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from steepest.optim import EGDD, EGStepSize, HypergradientSGD, egd_step
+from ..optim import EGDD, EGStepSize, HypergradientSGD, egd_step
+from ..report import Context
+from ._data import digits_permutation_split
 
 TITLE = "Exponentiated gradient: EGD under constraints and EG step sizes against a mis-set learning rate"
 # Tiny models: one intra-op thread is faster and leaves the other core free.
 THREADS = 1
 
-# Rate-of-adaptation constants κ: γ = κ / (size of g_{t−1}·g_t at initialization), see _gammas.
+# Rate-of-adaptation constants κ: γ = κ / (size of g_{t−1}·g_t at initialization), see _methods.
 # Picked once in a preliminary sweep on this task (seed 0); full mode reruns the sweep.
-KAPPA = {"coordinate": 0.003, "tensor": 0.1, "global": 0.1, "hd": 0.1, "adam_seed": 0.1, "adam_hyper": 0.1}
+KAPPA = {"coordinate": 0.003, "tensor": 0.1, "global": 0.1, "hd": 0.1, "adam_note": 0.1, "adam_hyper": 0.1}
 DIVERGED = 5.0  # a final validation loss above this (or NaN/Inf) counts as diverged; log(10) ≈ 2.3 is chance
+# the note's rule ν ← ν·exp(γ⟨g_{t−1}, g_t⟩) applied to Adam's lr
+ADAM_NOTE = "Adam + note's rule"
 
 
 # =========================================================================== part 1: constrained problems
@@ -149,48 +159,65 @@ def _descend(prob: dict[str, Any], method: str, lr: float, steps: int) -> tuple[
     return vals, x
 
 
-def _constrained(ctx: Any) -> None:
-    import matplotlib.pyplot as plt
-
+def _constrained(ctx: Context) -> None:
     rng = np.random.default_rng(ctx.seed)
     steps = ctx.pick(60, 1500, 5000)
     probs = [_nnls_problem(rng, *ctx.pick((30, 15), (120, 60), (300, 150))),
              _mixture_problem(rng, ctx.pick(300, 2000, 10000), ctx.pick(6, 12, 20))]
     grid = ctx.pick([0.25, 1.0, 4.0, 16.0], [2.0**k for k in range(-6, 7)], [2.0**k for k in range(-6, 7)])  # c / L
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    rows: list[list[Any]] = []
-    ref_rows: list[list[Any]] = []
-    why_rows: list[list[Any]] = []
-    for prob, ax in zip(probs, axes):
+    outcomes = []
+    for prob in probs:
         runs = {(method, c): _descend(prob, method, c / prob["L"], steps)
                 for method in ("EGD", "projected GD")
                 for c in ctx.track(grid, f"{prob['short']}: {method} step grid")}
-        curves = {key: vals for key, (vals, _) in runs.items()}
-        f_ref = prob["f_star"]
-        # if an iterate beats the reference by rounding, measure from it (gaps stay >= 0)
-        prob["f_star"] = min(f_ref, min(float(np.min(v)) for v in curves.values()))
-        ref_rows.append([prob["short"], prob["reference"], f_ref, f_ref - prob["f_star"]])
-        floor = 1e-15 * max(1.0, abs(prob["f_star"]))
-        best: dict[str, tuple[tuple[float, float], np.ndarray, float]] = {}
-        for (method, c), vals in curves.items():
-            gap = np.maximum(vals - prob["f_star"], floor)
-            # best = lowest final gap, ties (both at the floor) broken by the area under log(gap)
-            key = (float(gap[-1]), float(np.sum(np.log(np.minimum(gap, 1e300)))))
-            if method not in best or key < best[method][0]:
-                best[method] = (key, gap, c)
-        # why EGD is slow where it is: coordinates whose optimum is 0 shrink by e^{−η g_i*} per step
-        zero = prob["x_star"] <= (1e-8 if prob["simplex"] else 0.0)
-        c_egd = best["EGD"][2]
-        g_star = prob["grad"](prob["x_star"])
-        if prob["simplex"]:
-            g_star = g_star - g_star[~zero].mean()  # the simplex multiplier shifts all gradients
-        x_egd = runs[("EGD", c_egd)][1]
-        if bool(zero.any()):
-            why_rows.append([prob["short"], int(zero.sum()), float(g_star[zero].min()),
-                             float(c_egd / prob["L"] * g_star[zero].min()), float(x_egd[zero].max())])
-        for method, (_, gap, c) in best.items():
+        outcomes.append(_best_runs(prob, runs))
+    _report_constrained(ctx, probs, outcomes, grid, steps)
+
+
+def _best_runs(prob: dict[str, Any], runs: dict[tuple[str, float], tuple[np.ndarray, torch.Tensor]]) -> dict[str, Any]:
+    """Per method, the gap curve of its best step size; f* used for the gaps; EGD's coordinates that should be 0."""
+    curves = {key: vals for key, (vals, _) in runs.items()}
+    f_ref = prob["f_star"]
+    # if an iterate beats the reference by rounding, measure from it (gaps stay >= 0)
+    f_star = min(f_ref, min(float(np.min(v)) for v in curves.values()))
+    floor = 1e-15 * max(1.0, abs(f_star))
+    best: dict[str, tuple[tuple[float, float], np.ndarray, float]] = {}
+    for (method, c), vals in curves.items():
+        gap = np.maximum(vals - f_star, floor)
+        # best = lowest final gap, ties (both at the floor) broken by the area under log(gap)
+        key = (float(gap[-1]), float(np.sum(np.log(np.minimum(gap, 1e300)))))
+        if method not in best or key < best[method][0]:
+            best[method] = (key, gap, c)
+    c_egd = best["EGD"][2]
+    return {"f_ref": f_ref, "f_star": f_star, "best": {m: (gap, c) for m, (_, gap, c) in best.items()},
+            "zeros": _zero_coordinates(prob, runs[("EGD", c_egd)][1], c_egd)}
+
+
+def _zero_coordinates(prob: dict[str, Any], x_egd: torch.Tensor, c_egd: float) -> list[Any] | None:
+    """Why EGD is slow where it is: coordinates whose optimum is 0 shrink by e^{−η g_i*} per step."""
+    zero = prob["x_star"] <= (1e-8 if prob["simplex"] else 0.0)
+    g_star = prob["grad"](prob["x_star"])
+    if prob["simplex"]:
+        g_star = g_star - g_star[~zero].mean()  # the simplex multiplier shifts all gradients
+    if not bool(zero.any()):
+        return None
+    return [prob["short"], int(zero.sum()), float(g_star[zero].min()),
+            float(c_egd / prob["L"] * g_star[zero].min()), float(x_egd[zero].max())]
+
+
+def _report_constrained(ctx: Context, probs: list[dict[str, Any]], outcomes: list[dict[str, Any]],
+                        grid: list[float], steps: int) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rows: list[list[Any]] = []
+    ref_rows: list[list[Any]] = []
+    for prob, out, ax in zip(probs, outcomes, axes):
+        f_star = out["f_star"]
+        ref_rows.append([prob["short"], prob["reference"], out["f_ref"], out["f_ref"] - f_star])
+        for method, (gap, c) in out["best"].items():
             ax.semilogy(gap, label=f"{method} (step {c:g}/L)")
-            hit = np.nonzero(gap < 1e-6 * max(1.0, abs(prob["f_star"])))[0]
+            hit = np.nonzero(gap < 1e-6 * max(1.0, abs(f_star)))[0]
             rows.append([prob["short"], method, f"{c:g}/L", float(gap[steps // 10]), float(gap[-1]),
                          int(hit[0]) if hit.size else "never"])
             ctx.result(f"{prob['short']}_{method.replace(' ', '_')}", {
@@ -199,7 +226,7 @@ def _constrained(ctx: Any) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel(f"f − f*  (f* from {prob['reference']})")
         ax.legend(fontsize=8)
-        ctx.result(f"{prob['short']}_f_star", prob["f_star"])
+        ctx.result(f"{prob['short']}_f_star", f_star)
         ctx.result(f"{prob['short']}_active_constraints", prob["active"])
     ctx.figure(fig, "constrained", "Objective gap vs step: EGD against projected gradient descent "
                "(each with its best step size from the grid "
@@ -215,6 +242,7 @@ def _constrained(ctx: Any) -> None:
         "a coordinate whose optimum is 0 only shrinks by the factor e^{−η g_i*} per step (g_i* its gradient at "
         "the optimum, the KKT multiplier; on the simplex relative to the mean over the support), while the "
         "projection sets it to 0 exactly. The table measures that rate and what is left of those coordinates.")
+    why_rows = [out["zeros"] for out in outcomes if out["zeros"]]
     if why_rows:
         ctx.table(["problem", "zeros at the optimum", "min g_i* over them", "η·min g_i* (log-decay per step)",
                    "largest such x_i after EGD"], why_rows, caption="Coordinates that should be 0, under EGD.")
@@ -222,29 +250,16 @@ def _constrained(ctx: Any) -> None:
 
 
 # =========================================================================== part 2: digits MLP
-def _digits(seed: int) -> dict[str, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    X, y = load_digits(return_X_y=True)
-    perm = np.random.default_rng(seed).permutation(len(y))
-    n_tr, n_va = int(0.6 * len(y)), int(0.2 * len(y))
-    tr, va, te = perm[:n_tr], perm[n_tr:n_tr + n_va], perm[n_tr + n_va:]
-    mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-8
-    Xs = torch.tensor((X - mu) / sd, dtype=torch.float32)
-    yt = torch.tensor(y)
-    return {"xtr": Xs[tr], "ytr": yt[tr], "xva": Xs[va], "yva": yt[va], "xte": Xs[te], "yte": yt[te]}
-
-
 def _mlp(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
 
 
 class AdamEG:
-    """Adam whose lr is multiplied by one EG-adapted rate ν (the seed rule applied on top of Adam).
+    """Adam whose lr is multiplied by one EG-adapted rate ν (the note's rule applied on top of Adam).
 
-    ``hyper=False``: the seed's formula ν ← ν·exp(γ⟨g_{t−1}, g_t⟩) (raw consecutive gradients,
-    what a reader of seed 004 tried). ``hyper=True``: ν ← ν·exp(γ⟨u_{t−1}, g_t⟩) with u the previous
+    ``hyper=False``: the note's formula ν ← ν·exp(γ⟨g_{t−1}, g_t⟩) (raw consecutive gradients,
+    what a reader of the note tried). ``hyper=True``: ν ← ν·exp(γ⟨u_{t−1}, g_t⟩) with u the previous
     Adam direction (update / lr) — the exact hypergradient of the loss w.r.t. ν, as in Adam-HD
     (Baydin et al. 2018) but multiplicative.
     """
@@ -341,7 +356,7 @@ def _methods(lr_sgd: float, lr_adam: float, sizes: dict[str, float], kappa: dict
         "EGDD": lambda m: lambda p: EGDD(p, lr=lr_sgd * m * 0.1, momentum=0.9),
         "SGD-HD": lambda m: lambda p: HypergradientSGD(p, lr=lr_sgd * m, hypergrad_lr=beta_hd),
         "Adam": lambda m: lambda p: torch.optim.Adam(p, lr=lr_adam * m),
-        "Adam + seed rule": lambda m: lambda p: AdamEG(p, lr=lr_adam * m, gamma=kappa["adam_seed"] / sizes["global"]),
+        ADAM_NOTE: lambda m: lambda p: AdamEG(p, lr=lr_adam * m, gamma=kappa["adam_note"] / sizes["global"]),
         "Adam + EG hypergradient": lambda m: lambda p: AdamEG(p, lr=lr_adam * m, gamma=kappa["adam_hyper"] / sizes["l1"],
                                                                hyper=True),
     }
@@ -365,74 +380,144 @@ def _fmt_loss(v: float) -> str:
     return "div" if not math.isfinite(v) else f"{v:.3f}"
 
 
-def _robustness(ctx: Any) -> None:
-    import matplotlib.pyplot as plt
 
-    data = _digits(0)  # the split is fixed; seeds vary init and batch order
-    epochs = ctx.pick(1, 15, 40)
-    batch = 64
-    seeds = [ctx.seed + s for s in range(ctx.pick(1, 1, 3))]
-    mults = ctx.pick([0.1, 10.0], [0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0],
-                     [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
-    sgd_grid = ctx.pick([1.0], [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], [0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
-    adam_grid = ctx.pick([1e-2], [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
+def _robustness_setup(ctx: Context) -> dict[str, Any]:
+    return {
+        "epochs": ctx.pick(1, 15, 40),
+        "batch": 64,
+        "seeds": [ctx.seed + s for s in range(ctx.pick(1, 1, 3))],
+        "mults": ctx.pick([0.1, 10.0], [0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0],
+                          [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]),
+        "sgd_grid": ctx.pick([1.0], [0.01, 0.03, 0.1, 0.3, 1.0, 3.0], [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]),
+        "adam_grid": ctx.pick([1e-2], [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]),
+        "every": ctx.pick(1, 2, 5),  # steps between recorded rates (all of the first 10 are recorded)
+    }
 
-    def med(make: Callable[[Any], Any], probe_for: Callable[[int], Any] | None = None) -> dict[str, float]:
-        runs = [_train(data, make, epochs=epochs, batch=batch, seed=s,
-                       probe=probe_for(s) if probe_for else None) for s in seeds]
-        out = {}
-        for k in ("val", "test", "test_acc"):
-            vals = [r[k] for r in runs]
-            out[k] = math.inf if any(not math.isfinite(v) for v in vals) else float(np.median(vals))
-        return out
 
-    # --- tune the base learning rates (SGD; Adam for the Adam family)
-    tune_rows = []
-    sgd_res = {lr: med(lambda p, lr=lr: torch.optim.SGD(p, lr=lr)) for lr in ctx.track(sgd_grid, "tune SGD lr")}
-    adam_res = {lr: med(lambda p, lr=lr: torch.optim.Adam(p, lr=lr)) for lr in ctx.track(adam_grid, "tune Adam lr")}
+def _median_run(data: dict[str, torch.Tensor], make: Callable[[Any], Any], cfg: dict[str, Any],
+                probe_for: Callable[[int], Any] | None = None) -> dict[str, float]:
+    """Final val / test loss and test accuracy, median over the seeds (inf if any seed diverged)."""
+    runs = [_train(data, make, epochs=cfg["epochs"], batch=cfg["batch"], seed=s,
+                   probe=probe_for(s) if probe_for else None) for s in cfg["seeds"]]
+    out = {}
+    for k in ("val", "test", "test_acc"):
+        vals = [r[k] for r in runs]
+        out[k] = math.inf if any(not math.isfinite(v) for v in vals) else float(np.median(vals))
+    return out
+
+
+def _tune(ctx: Context, data: dict[str, torch.Tensor], cfg: dict[str, Any]) -> tuple[dict, dict]:
+    """Final losses over the base-lr grids of SGD and Adam: ``{lr: median run}`` each."""
+    sgd = {lr: _median_run(data, lambda p, lr=lr: torch.optim.SGD(p, lr=lr), cfg)
+           for lr in ctx.track(cfg["sgd_grid"], "tune SGD lr")}
+    adam = {lr: _median_run(data, lambda p, lr=lr: torch.optim.Adam(p, lr=lr), cfg)
+            for lr in ctx.track(cfg["adam_grid"], "tune Adam lr")}
+    return sgd, adam
+
+
+def _rate_recorder(traces: dict[tuple[str, float], list[tuple[int, float]]], name: str, m: float,
+                   cfg: dict[str, Any]) -> Callable[[int], Any] | None:
+    """Seed → probe that appends (step, ν) to ``traces[(name, m)]``, for the first seed at the traced multipliers."""
+    if m not in cfg["trace_mults"]:
+        return None
+
+    def for_seed(s: int) -> Callable[[Any, int], None] | None:
+        if s != cfg["seeds"][0]:
+            return None
+        rec: list[tuple[int, float]] = []
+        traces[(name, m)] = rec
+
+        def probe(opt: Any, step: int) -> None:
+            if step <= 10 or step % cfg["every"] == 0:
+                rec.append((step, _rate(opt)))
+        return probe
+    return for_seed
+
+
+def _lr_grid(ctx: Context, data: dict[str, torch.Tensor], methods: dict[str, Callable], cfg: dict[str, Any]
+             ) -> tuple[dict[str, dict[float, dict[str, float]]], dict[tuple[str, float], list[tuple[int, float]]]]:
+    """Every method at every lr multiplier: ``grid[name][m]`` (median run) and the recorded rates."""
+    traces: dict[tuple[str, float], list[tuple[int, float]]] = {}
+    grid: dict[str, dict[float, dict[str, float]]] = {}
+    cases = [(name, m) for name in methods for m in cfg["mults"]]
+    for name, m in ctx.track(cases, "lr grid × methods"):
+        grid.setdefault(name, {})[m] = _median_run(data, methods[name](m), cfg, _rate_recorder(traces, name, m, cfg))
+    return grid, traces
+
+
+def _goal(grid: dict[str, dict[float, dict[str, float]]], mults: list[float], tuned: float) -> dict[str, dict]:
+    """At ×0.1 and ×10: the best of the EG family, its final val loss and whether it is within 10% of tuned SGD."""
+    goal = {}
+    eg_family = ["EGStepSize coordinate", "EGStepSize tensor", "EGStepSize global", "EGDD"]
+    for m in (0.1, 10.0):
+        if m not in mults:
+            continue
+        best = min(eg_family, key=lambda n: grid[n][m]["val"])
+        v = grid[best][m]["val"]
+        ratio = v / tuned if math.isfinite(v) else math.inf
+        goal[f"x{m:g}"] = {"best": best, "val": v, "ratio_to_tuned_sgd": ratio, "within_10pct": ratio <= 1.1,
+                           "sgd_val": grid["SGD"][m]["val"]}
+    return goal
+
+
+def _robustness(ctx: Context) -> None:
+    data = digits_permutation_split(0)  # the split is fixed; seeds vary init and batch order
+    cfg = _robustness_setup(ctx)
+    cfg["trace_mults"] = [m for m in (0.01, 0.1, 1.0, 10.0) if m in cfg["mults"]]
+    sgd_res, adam_res = _tune(ctx, data, cfg)
     lr_sgd = min(sgd_res, key=lambda k: sgd_res[k]["val"])
     lr_adam = min(adam_res, key=lambda k: adam_res[k]["val"])
-    for lr, r in sgd_res.items():
-        tune_rows.append(["SGD", lr, _fmt_loss(r["val"]), "←" if lr == lr_sgd else ""])
-    for lr, r in adam_res.items():
-        tune_rows.append(["Adam", lr, _fmt_loss(r["val"]), "←" if lr == lr_adam else ""])
-    ctx.table(["optimizer", "lr", "final val loss", "tuned"], tune_rows,
-              caption=f"Tuning the base learning rates ({epochs} epochs, batch {batch}, median over {len(seeds)} "
-                      "seed(s)).")
+    _report_tuning(ctx, sgd_res, adam_res, lr_sgd, lr_adam, cfg)
     tuned = sgd_res[lr_sgd]["val"]
-    sizes = _init_grad_sizes(data, seeds[0])
-    methods = _methods(lr_sgd, lr_adam, sizes, KAPPA)
+    sizes = _init_grad_sizes(data, cfg["seeds"][0])
+    grid, traces = _lr_grid(ctx, data, _methods(lr_sgd, lr_adam, sizes, KAPPA), cfg)
+    mults = cfg["mults"]
 
-    # --- the lr grid, recording the learned rates at a few multipliers
-    traces: dict[tuple[str, float], list[tuple[int, float]]] = {}
-    trace_mults = [m for m in (0.01, 0.1, 1.0, 10.0) if m in mults]
-    every = ctx.pick(1, 2, 5)
+    _plot_robustness(ctx, grid, mults, tuned, lr_sgd, lr_adam)
+    goal = _goal(grid, mults, tuned)
+    _report_goal(ctx, goal)
+    rate_rows = _plot_rates(ctx, grid, traces, cfg["trace_mults"])
+    if rate_rows:
+        ctx.table(["method", "initial lr", "final ν", "final lr ÷ tuned lr", "min ν", "max ν", "last step",
+                   "final val loss"], rate_rows,
+                  caption=f"Learned rates (seed {cfg['seeds'][0]}). 'final lr ÷ tuned lr' = multiplier × final ν: "
+                          "close to 1 means the rule found its way back to the tuned rate. The Adam rows answer "
+                          "whether the rate collapses to 0 when the note's rule sits on top of Adam.")
+        ctx.result("rates", [dict(zip(["method", "initial", "final_nu", "final_over_tuned", "min_nu", "max_nu",
+                                       "last_step", "val"], r)) for r in rate_rows])
+        _findings(ctx, grid, mults, tuned, traces)
 
-    def prober(name: str, m: float) -> Callable[[int], Any] | None:
-        if m not in trace_mults:
-            return None
+    ctx.result("lr_sgd_tuned", lr_sgd)
+    ctx.result("lr_adam_tuned", lr_adam)
+    ctx.result("tuned_sgd_val_loss", tuned)
+    ctx.result("kappa", KAPPA)
+    ctx.result("gammas", {k: KAPPA[k] / sizes[k] for k in ("coordinate", "tensor", "global")})
+    ctx.result("lr_grid", {name: {f"x{m:g}": res[m] for m in mults} for name, res in grid.items()})
+    ctx.result("goal", goal)
+    ctx.result("rate_traces", {f"{n} x{m:g}": rec[:: max(1, len(rec) // 100)] for (n, m), rec in traces.items()})
+    _report_setup(ctx, cfg, lr_sgd, lr_adam)
+    if ctx.full:
+        rows, out = _kappa_runs(ctx, data, lr_sgd, lr_adam, sizes, cfg)
+        _report_kappa(ctx, rows, out, cfg)
 
-        def for_seed(s: int) -> Callable[[Any, int], None] | None:
-            if s != seeds[0]:
-                return None
-            rec: list[tuple[int, float]] = []
-            traces[(name, m)] = rec
 
-            def probe(opt: Any, step: int) -> None:
-                if step <= 10 or step % every == 0:
-                    rec.append((step, _rate(opt)))
-            return probe
-        return for_seed
+def _report_tuning(ctx: Context, sgd_res: dict, adam_res: dict, lr_sgd: float, lr_adam: float,
+                   cfg: dict[str, Any]) -> None:
+    rows = [["SGD", lr, _fmt_loss(r["val"]), "←" if lr == lr_sgd else ""] for lr, r in sgd_res.items()]
+    rows += [["Adam", lr, _fmt_loss(r["val"]), "←" if lr == lr_adam else ""] for lr, r in adam_res.items()]
+    ctx.table(["optimizer", "lr", "final val loss", "tuned"], rows,
+              caption=f"Tuning the base learning rates ({cfg['epochs']} epochs, batch {cfg['batch']}, median over "
+                      f"{len(cfg['seeds'])} seed(s)).")
 
-    grid: dict[str, dict[float, dict[str, float]]] = {}
-    cases = [(name, m) for name in methods for m in mults]
-    for name, m in ctx.track(cases, "lr grid × methods"):
-        grid.setdefault(name, {})[m] = med(methods[name](m), prober(name, m))
 
-    # --- figure: final val loss vs multiplier
+def _plot_robustness(ctx: Context, grid: dict[str, dict[float, dict[str, float]]], mults: list[float],
+                     tuned: float, lr_sgd: float, lr_adam: float) -> None:
+    """Final val loss vs lr multiplier: the figure and its table."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = {"SGD": "k-o", "EGStepSize coordinate": "C0-s", "EGStepSize tensor": "C1-s", "EGStepSize global": "C2-s",
-              "EGDD": "C3-^", "SGD-HD": "C4-v", "Adam": "C5--o", "Adam + seed rule": "C6--D",
+              "EGDD": "C3-^", "SGD-HD": "C4-v", "Adam": "C5--o", ADAM_NOTE: "C6--D",
               "Adam + EG hypergradient": "C7--D"}
     for name, res in grid.items():
         y = [res[m]["val"] for m in mults]
@@ -446,35 +531,31 @@ def _robustness(ctx: Any) -> None:
     ax.set_ylabel(f"final validation loss (diverged plotted at {DIVERGED:g})")
     ax.legend(fontsize=7, ncol=2)
     ctx.figure(fig, "lr-robustness", "Learning-rate robustness on a digits MLP: final validation loss vs initial lr")
-
     rows = [[name] + [_fmt_loss(res[m]["val"]) for m in mults] for name, res in grid.items()]
     ctx.table(["method"] + [f"×{m:g}" for m in mults], rows,
               caption=f"Final validation loss (tuned SGD lr {lr_sgd:g} → {tuned:.3f}; tuned Adam lr {lr_adam:g}; "
                       "'div' = diverged).")
 
-    # --- the goal: ×0.1 and ×10
-    goal_rows = []
-    goal = {}
-    eg_family = ["EGStepSize coordinate", "EGStepSize tensor", "EGStepSize global", "EGDD"]
-    for m in (0.1, 10.0):
-        if m not in mults:
-            continue
-        best = min(eg_family, key=lambda n: grid[n][m]["val"])
-        v = grid[best][m]["val"]
-        ratio = v / tuned if math.isfinite(v) else math.inf
-        ok = ratio <= 1.1
-        goal[f"x{m:g}"] = {"best": best, "val": v, "ratio_to_tuned_sgd": ratio, "within_10pct": ok,
-                           "sgd_val": grid["SGD"][m]["val"]}
-        goal_rows.append([f"×{m:g}", _fmt_loss(grid["SGD"][m]["val"]),
-                          best if math.isfinite(v) else "none (all diverged)", _fmt_loss(v),
-                          f"{ratio:.3f}" if math.isfinite(ratio) else "div", "yes" if ok else "no"])
-    ctx.table(["lr mis-set", "SGD", "best EGStepSize/EGDD", "its val loss", "÷ tuned SGD", "within 10%"], goal_rows,
+
+def _report_goal(ctx: Context, goal: dict[str, dict]) -> None:
+    rows = []
+    for key, g in goal.items():
+        v, ratio = g["val"], g["ratio_to_tuned_sgd"]
+        rows.append([f"×{key[1:]}", _fmt_loss(g["sgd_val"]), g["best"] if math.isfinite(v) else "none (all diverged)",
+                     _fmt_loss(v), f"{ratio:.3f}" if math.isfinite(ratio) else "div",
+                     "yes" if g["within_10pct"] else "no"])
+    ctx.table(["lr mis-set", "SGD", "best EGStepSize/EGDD", "its val loss", "÷ tuned SGD", "within 10%"], rows,
               caption="Goal: from an lr mis-set ×10 or ×0.1, EGStepSize or EGDD ends within 10% of tuned SGD's "
                       "final validation loss.")
 
-    # --- figure: learned rates over time
+
+def _plot_rates(ctx: Context, grid: dict[str, dict[float, dict[str, float]]],
+                traces: dict[tuple[str, float], list[tuple[int, float]]], trace_mults: list[float]) -> list[list[Any]]:
+    """The learned rates over training (figure); returns one summary row per recorded trace."""
+    import matplotlib.pyplot as plt
+
     panels = ["EGStepSize coordinate", "EGStepSize tensor", "EGStepSize global", "EGDD", "SGD-HD",
-              "Adam + seed rule", "Adam + EG hypergradient"]
+              ADAM_NOTE, "Adam + EG hypergradient"]
     fig, axes = plt.subplots(2, 4, figsize=(15, 6.5), sharex=True)
     rate_rows: list[list[Any]] = []
     for ax, name in zip(axes.flat, panels):
@@ -485,9 +566,8 @@ def _robustness(ctx: Any) -> None:
             steps, nu = zip(*rec)
             nu_arr = np.array(nu, dtype=float)
             ax.plot(steps, np.where(nu_arr > 0, nu_arr, np.nan), color=f"C{j}", label=f"×{m:g}")
-            res = grid[name][m]["val"]
             rate_rows.append([name, f"×{m:g}", float(nu_arr[-1]), m * float(nu_arr[-1]), float(np.nanmin(nu_arr)),
-                              float(np.nanmax(nu_arr)), steps[-1], _fmt_loss(res)])
+                              float(np.nanmax(nu_arr)), steps[-1], _fmt_loss(grid[name][m]["val"])])
         ax.set_yscale("log")
         ax.set_ylim(1e-4, 1e4)
         ax.set_title(name, fontsize=9)
@@ -502,38 +582,22 @@ def _robustness(ctx: Any) -> None:
                "EGDD: geometric mean of gain×scale; SGD-HD: α/α₀; Adam variants: the global ν), axis clipped to "
                "[1e-4, 1e4]. Lines that end early diverged; values ≤ 0 (ν underflowing to 0, SGD-HD's α turning "
                "negative) are not drawn on the log axis.")
-    if rate_rows:
-        ctx.table(["method", "initial lr", "final ν", "final lr ÷ tuned lr", "min ν", "max ν", "last step",
-                   "final val loss"], rate_rows,
-                  caption="Learned rates (seed 0). 'final lr ÷ tuned lr' = multiplier × final ν: close to 1 means "
-                          "the rule found its way back to the tuned rate. The Adam rows answer whether the rate "
-                          "collapses to 0 when the seed rule sits on top of Adam.")
-        ctx.result("rates", [dict(zip(["method", "initial", "final_nu", "final_over_tuned", "min_nu", "max_nu",
-                                       "last_step", "val"], r)) for r in rate_rows])
-        _findings(ctx, grid, mults, tuned, traces)
+    return rate_rows
 
-    # --- results
-    ctx.result("lr_sgd_tuned", lr_sgd)
-    ctx.result("lr_adam_tuned", lr_adam)
-    ctx.result("tuned_sgd_val_loss", tuned)
-    ctx.result("kappa", KAPPA)
-    ctx.result("gammas", {k: KAPPA[k] / sizes[k] for k in ("coordinate", "tensor", "global")})
-    ctx.result("lr_grid", {name: {f"x{m:g}": res[m] for m in mults} for name, res in grid.items()})
-    ctx.result("goal", goal)
-    ctx.result("rate_traces", {f"{n} x{m:g}": rec[:: max(1, len(rec) // 100)] for (n, m), rec in traces.items()})
+
+def _report_setup(ctx: Context, cfg: dict[str, Any], lr_sgd: float, lr_adam: float) -> None:
     ctx.text(
-        f"Setup: MLP 64–64–10 (ReLU), batch {batch}, {epochs} epochs, fixed 60/20/20 split of sklearn digits; "
-        f"{len(seeds)} seed(s) (median). The SGD family (SGD, EGStepSize, EGDD, SGD-HD) is scaled from the tuned "
-        f"SGD lr {lr_sgd:g}; the Adam family from the tuned Adam lr {lr_adam:g} (Adam's lr lives on another scale). "
-        "EGDD runs with momentum 0.9 and lr·0.1 so its effective step matches SGD's at ×1; its published defaults "
-        "bound the adaptation (scale ∈ [0.1, 10] moving by at most e^0.001 a step, gains by e^0.01). "
+        f"Setup: MLP 64–64–10 (ReLU), batch {cfg['batch']}, {cfg['epochs']} epochs, fixed 60/20/20 split of sklearn "
+        f"digits; {len(cfg['seeds'])} seed(s) (median). The SGD family (SGD, EGStepSize, EGDD, SGD-HD) is scaled from "
+        f"the tuned SGD lr {lr_sgd:g}; the Adam family from the tuned Adam lr {lr_adam:g} (Adam's lr lives on another "
+        "scale). EGDD runs with momentum 0.9 and lr·0.1 so its effective step matches SGD's at ×1; its published "
+        "defaults bound the adaptation (scale ∈ [0.1, 10] moving by at most e^0.001 a step, gains by e^0.01). "
         "γ = κ / (size of g·g at initialization): coordinate — mean g_i²; tensor — mean over tensors of ‖g_T‖²; "
-        f"global, SGD-HD (β = κ·lr/‖g‖²) and the seed rule on Adam — ‖g‖²; Adam hypergradient — ‖g‖₁; κ = {KAPPA}.")
-    if ctx.full:
-        _kappa_sweep(ctx, data, lr_sgd, lr_adam, sizes, mults, epochs, batch, seeds[0])
+        f"global, SGD-HD (β = κ·lr/‖g‖²) and the note's rule on Adam — ‖g‖²; Adam hypergradient — ‖g‖₁; "
+        f"κ = {KAPPA}.")
 
 
-def _findings(ctx: Any, grid: dict[str, dict[float, dict[str, float]]], mults: list[float], tuned: float,
+def _findings(ctx: Context, grid: dict[str, dict[float, dict[str, float]]], mults: list[float], tuned: float,
               traces: dict[tuple[str, float], list[tuple[int, float]]]) -> None:
     """A few sentences generated from the measured numbers (nothing here is hard-coded)."""
     lines = []
@@ -547,24 +611,8 @@ def _findings(ctx: Any, grid: dict[str, dict[float, dict[str, float]]], mults: l
                      + ", ".join(f"{_fmt_loss(grid['SGD'][m]['val'])} (×{m:g})" for m in small) + ".")
     big = [m for m in mults if m > 1]
     if big:
-        rescued = [(n, m) for n in grid for m in big
-                   if math.isfinite(grid[n][m]["val"]) and not math.isfinite(grid["SGD"][m]["val"])
-                   and not n.startswith("Adam")]
-        lines.append("Too large an lr: " + (
-            "runs that finish where SGD diverges — " + ", ".join(
-                f"{n} ×{m:g} → {grid[n][m]['val']:.3f}" for n, m in rescued) if rescued else
-            "no SGD-family rule finishes where SGD diverges") + ".")
-        for name in ("EGStepSize tensor", "EGStepSize global"):
-            m10 = 10.0 if 10.0 in big else big[-1]
-            rec = traces.get((name, m10))
-            if rec:
-                nu = np.array([v for _, v in rec[:6]])
-                first = ", ".join(f"{v:.3g}" for v in nu)
-                bounce = any(nu[i] < 0.1 and float(nu[i + 1:].max()) > 10 * nu[i] for i in range(len(nu) - 1))
-                lines.append(f"{name} at ×{m10:g}, ν over the first steps: {first}" + (
-                    " — the rate collapses, then the blown-up gradients of the next step (γ·⟨g_{t−1}, g_t⟩ scales "
-                    "with ‖g‖²) multiply it back up by orders of magnitude." if bounce else "."))
-    for name in ("Adam + seed rule", "Adam + EG hypergradient"):
+        lines += _findings_large_lr(grid, big, traces)
+    for name in (ADAM_NOTE, "Adam + EG hypergradient"):
         parts = []
         for m in mults:
             rec = traces.get((name, m))
@@ -577,26 +625,53 @@ def _findings(ctx: Any, grid: dict[str, dict[float, dict[str, float]]], mults: l
     ctx.text("**Measured findings.** " + " ".join(lines))
 
 
-def _kappa_sweep(ctx: Any, data: dict[str, torch.Tensor], lr_sgd: float, lr_adam: float, sizes: dict[str, float],
-                 mults: list[float], epochs: int, batch: int, seed: int) -> None:
-    """Sensitivity of the EG step-size rules to κ (full mode): where the fixed κ above comes from."""
+def _findings_large_lr(grid: dict[str, dict[float, dict[str, float]]], big: list[float],
+                       traces: dict[tuple[str, float], list[tuple[int, float]]]) -> list[str]:
+    rescued = [(n, m) for n in grid for m in big
+               if math.isfinite(grid[n][m]["val"]) and not math.isfinite(grid["SGD"][m]["val"])
+               and not n.startswith("Adam")]
+    lines = ["Too large an lr: " + (
+        "runs that finish where SGD diverges — " + ", ".join(
+            f"{n} ×{m:g} → {grid[n][m]['val']:.3f}" for n, m in rescued) if rescued else
+        "no SGD-family rule finishes where SGD diverges") + "."]
+    for name in ("EGStepSize tensor", "EGStepSize global"):
+        m10 = 10.0 if 10.0 in big else big[-1]
+        rec = traces.get((name, m10))
+        if rec:
+            nu = np.array([v for _, v in rec[:6]])
+            first = ", ".join(f"{v:.3g}" for v in nu)
+            bounce = any(nu[i] < 0.1 and float(nu[i + 1:].max()) > 10 * nu[i] for i in range(len(nu) - 1))
+            lines.append(f"{name} at ×{m10:g}, ν over the first steps: {first}" + (
+                " — the rate collapses, then the blown-up gradients of the next step (γ·⟨g_{t−1}, g_t⟩ scales "
+                "with ‖g‖²) multiply it back up by orders of magnitude." if bounce else "."))
+    return lines
+
+
+def _kappa_runs(ctx: Context, data: dict[str, torch.Tensor], lr_sgd: float, lr_adam: float, sizes: dict[str, float],
+                cfg: dict[str, Any]) -> tuple[list[list[Any]], dict[str, list[float]]]:
+    """Sensitivity of the EG step-size rules to κ (full mode, first seed): where the fixed κ above comes from."""
     names = {"coordinate": "EGStepSize coordinate", "tensor": "EGStepSize tensor", "global": "EGStepSize global"}
     rows = []
-    out: dict[str, Any] = {}
-    sweep_mults = [m for m in (0.01, 0.1, 1.0, 10.0) if m in mults]
+    out: dict[str, list[float]] = {}
+    sweep_mults = [m for m in (0.01, 0.1, 1.0, 10.0) if m in cfg["mults"]]
     cases = [(k, kap) for k in names for kap in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)]
     for key, kap in ctx.track(cases, "κ sweep"):
         methods = _methods(lr_sgd, lr_adam, sizes, {**KAPPA, key: kap})
-        vals = [_train(data, methods[names[key]](m), epochs=epochs, batch=batch, seed=seed)["val"]
-                for m in sweep_mults]
+        vals = [_train(data, methods[names[key]](m), epochs=cfg["epochs"], batch=cfg["batch"],
+                       seed=cfg["seeds"][0])["val"] for m in sweep_mults]
         rows.append([names[key], kap] + [_fmt_loss(v) for v in vals])
         out[f"{key} kappa={kap:g}"] = vals
+    return rows, out
+
+
+def _report_kappa(ctx: Context, rows: list[list[Any]], out: dict[str, list[float]], cfg: dict[str, Any]) -> None:
+    sweep_mults = [m for m in (0.01, 0.1, 1.0, 10.0) if m in cfg["mults"]]
     ctx.table(["method", "κ"] + [f"×{m:g}" for m in sweep_mults], rows,
               caption="κ sweep (one seed): final validation loss.")
     ctx.result("kappa_sweep", out)
 
 
-def run(ctx: Any) -> None:
+def run(ctx: Context) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     _constrained(ctx)
     t1, c1 = time.perf_counter(), time.process_time()

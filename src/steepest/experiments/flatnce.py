@@ -1,6 +1,10 @@
-"""FlatNCE vs InfoNCE at small batch (seed 003; SPEC.md §3).
+"""FlatNCE vs InfoNCE at small batch.
 
-Claim of the seed: small-batch contrastive learning underperforms because once
+The note: Su, *FlatNCE: is floating-point error why small-batch contrastive learning
+does poorly?*, kexue.fm/archives/8586 (after Chen et al., *Simpler, Faster, Stronger:
+Breaking The log-K Curse On Contrastive Learners With FlatNCE*, arXiv:2107.01152).
+
+Claim of the note: small-batch contrastive learning underperforms because once
 pairs separate, ξ = Σ_{i≠t} e^{s_i − s_t} → 0 and InfoNCE's gradient drowns in
 floating-point error; FlatNCE (gradient of log ξ) fixes it.
 
@@ -11,13 +15,16 @@ split with logistic regression (1-shot and 5-shot, averaged over fixed random dr
 of the labelled examples, and all labels). Hyper-parameters are fixed in advance;
 nothing is selected on the test split.
 
-Two explanations compete for a FlatNCE advantage: round-off (seed 003: InfoNCE's
+Two explanations compete for a FlatNCE advantage: round-off (the note: InfoNCE's
 positive gradient ξ/(1+ξ) falls below the unit roundoff u and becomes exactly 0)
 and weighting (∇log(1+ξ) = ξ/(1+ξ)·∇log ξ down-weights easy anchors, FlatNCE
 weights all equally). The float32 arm logs the share of anchors with ξ < u₃₂ = 2⁻²⁴;
 a "bf16-loss" arm (float32 network, loss in bf16, u = 2⁻⁸) and a pure-bfloat16 arm
 (weights, activations, Adam state and loss in bf16) put the round-off mechanism
 in reach, so it can be seen whether it changes the comparison.
+
+Measuring (``_job``: train and probe one run, in a worker with ``--jobs``) returns
+plain :class:`Run` records; ``_report`` and the functions it calls write them.
 """
 
 from __future__ import annotations
@@ -26,7 +33,6 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -34,9 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import flat_nce, info_nce, nce_diagnostics, pair_logits
+from ..report import Context
 from ._data import digits_split
 
-TITLE = "FlatNCE vs InfoNCE at small batch (seed 003)"
+TITLE = "FlatNCE vs InfoNCE at small batch"
 # Small models: one intra-op thread is fastest (measured) and leaves the other core free.
 THREADS = 1
 
@@ -237,7 +244,7 @@ def _tail(run: Run, key: str) -> float:
 
 
 
-def run(ctx: Any) -> None:
+def run(ctx: Context) -> None:
     xtr, ytr, xte, yte = load_split()
     cfg = ctx.pick(
         smoke=dict(batches=[8], temps=[0.1], seeds=[0], epochs=1, max_steps=6, bf16_loss=[8], bf16=[8], draws=2, n_train=200),
@@ -318,7 +325,7 @@ def _cost(r: Run, epochs: int, n: int) -> float:
 PILOT = {0.1: (85.7, 79.5), 0.2: (85.9, 82.7), 0.5: (85.7, 86.0)}  # batch 8, 1-shot: (FlatNCE, InfoNCE), from the issue
 
 
-def _pilot(ctx: Any, plan: list[Run]) -> None:
+def _pilot(ctx: Context, plan: list[Run]) -> None:
     cells = _cells(plan, "fp32")
     rows = []
     for t, (pf, pi) in PILOT.items():
@@ -334,7 +341,7 @@ def _pilot(ctx: Any, plan: list[Run]) -> None:
         )
 
 
-def _summary(ctx: Any, plan: list[Run]) -> None:
+def _summary(ctx: Context, plan: list[Run]) -> None:
     """Facts that separate the two explanations, computed from the runs (no interpretation beyond them)."""
     lines = []
     fp32 = [r for r in plan if r.precision == "fp32"]
@@ -399,9 +406,7 @@ def _cells(plan: list[Run], precision: str) -> dict[tuple[int, float, str], list
     return cells
 
 
-def _report(ctx: Any, plan: list[Run], base_pix: dict, base_rand: dict, cfg: dict) -> None:
-    import matplotlib.pyplot as plt
-
+def _report(ctx: Context, plan: list[Run], base_pix: dict, base_rand: dict, cfg: dict) -> None:
     ctx.table(
         ["reference", "1-shot", "5-shot", "full"],
         [
@@ -411,66 +416,68 @@ def _report(ctx: Any, plan: list[Run], base_pix: dict, base_rand: dict, cfg: dic
         caption="Probe accuracy (%) of the references on the held-out split.",
         floatfmt=".1f",
     )
-
     for precision in ARMS:
         cells = _cells(plan, precision)
-        if not cells:
-            continue
-        rows = []
-        for (b, t, loss), rs in sorted(cells.items()):
-            rows.append(
-                [
-                    b,
-                    t,
-                    loss,
-                    _fmt([r.probe["1-shot"] for r in rs]),
-                    _fmt([r.probe["5-shot"] for r in rs]),
-                    _fmt([r.probe["full"] for r in rs]),
-                    rs[0].steps,
-                    statistics.fmean(_tail(r, "info_nce") for r in rs),
-                    statistics.fmean(_tail(r, "xi_lt_1e-3") for r in rs),
-                    statistics.fmean(_tail(r, "below_fp32") for r in rs),
-                    statistics.fmean(_tail(r, "below_bf16") for r in rs),
-                    statistics.fmean(_tail(r, "median_log10_xi") for r in rs),
-                    sum(r.nonfinite for r in rs),
-                ]
-            )
-        label = ARMS[precision]
-        ctx.table(
-            ["batch", "T", "loss", "1-shot %", "5-shot %", "full %", "steps", "InfoNCE (end)", "ξ<1e-3", "ξ<u₃₂", "ξ<u_bf16", "median log₁₀ξ", "non-finite"],
-            rows,
-            caption=(
-                f"**{label}** — probe accuracy, mean ± std over {len(rows and cells[next(iter(cells))])} seed(s); "
-                "steps = optimizer steps; the last five columns are training-batch statistics averaged over the last "
-                "20 % of epochs: the InfoNCE value, the share of anchors with ξ < 1e-3, with ξ below the float32 / "
-                "bfloat16 unit roundoff (where cross-entropy's gradient on the positive is exactly 0 in that "
-                "precision), and the median of log₁₀ ξ."
-            ),
-            floatfmt=".3g",
-        )
-        ctx.result(
-            f"cells_{precision}",
-            [
-                {
-                    "batch": b,
-                    "temperature": t,
-                    "loss": loss,
-                    "steps": rs[0].steps,
-                    **{f"{k}_mean": _ms([r.probe[k] for r in rs])[0] for k in ("1-shot", "5-shot", "full")},
-                    **{f"{k}_std": _ms([r.probe[k] for r in rs])[1] for k in ("1-shot", "5-shot", "full")},
-                    "share_xi_lt_1e-3": statistics.fmean(_tail(r, "xi_lt_1e-3") for r in rs),
-                    "share_below_fp32": statistics.fmean(_tail(r, "below_fp32") for r in rs),
-                    "share_below_bf16": statistics.fmean(_tail(r, "below_bf16") for r in rs),
-                    "info_nce_end": statistics.fmean(_tail(r, "info_nce") for r in rs),
-                    "seeds": [r.seed for r in rs],
-                    "per_seed_1shot": [r.probe["1-shot"] for r in rs],
-                }
-                for (b, t, loss), rs in sorted(cells.items())
-            ],
-        )
+        if cells:
+            _report_cells(ctx, precision, cells)
+    _report_differences(ctx, plan)
+    _pilot(ctx, plan)
+    _summary(ctx, plan)
+    _plot_probe_vs_batch(ctx, plan)
+    _plot_xi(ctx, plan)
+    ctx.result("references", {"raw_pixels": base_pix, "untrained_encoder": base_rand})
+    ctx.result("epochs", cfg["epochs"])
+    ctx.result("runs", [{"loss": r.loss, "batch": r.batch, "T": r.temperature, "seed": r.seed, "precision": r.precision,
+                         "steps": r.steps, "seconds": r.seconds, **r.probe} for r in plan])
 
-    # paired differences (same seeds, same probe draws)
-    diff_rows = []
+
+def _report_cells(ctx: Context, precision: str, cells: dict[tuple[int, float, str], list[Run]]) -> None:
+    """One precision arm: probe accuracy and the ξ statistics per (batch, T, loss), table and results."""
+    mean_tail = lambda rs, key: statistics.fmean(_tail(r, key) for r in rs)  # noqa: E731
+    rows = []
+    for (b, t, loss), rs in sorted(cells.items()):
+        rows.append([b, t, loss, _fmt([r.probe["1-shot"] for r in rs]), _fmt([r.probe["5-shot"] for r in rs]),
+                     _fmt([r.probe["full"] for r in rs]), rs[0].steps, mean_tail(rs, "info_nce"),
+                     mean_tail(rs, "xi_lt_1e-3"), mean_tail(rs, "below_fp32"), mean_tail(rs, "below_bf16"),
+                     mean_tail(rs, "median_log10_xi"), sum(r.nonfinite for r in rs)])
+    ctx.table(
+        ["batch", "T", "loss", "1-shot %", "5-shot %", "full %", "steps", "InfoNCE (end)", "ξ<1e-3", "ξ<u₃₂",
+         "ξ<u_bf16", "median log₁₀ξ", "non-finite"],
+        rows,
+        caption=(
+            f"**{ARMS[precision]}** — probe accuracy, mean ± std over {len(rows and cells[next(iter(cells))])} "
+            "seed(s); steps = optimizer steps; the last five columns are training-batch statistics averaged over the "
+            "last 20 % of epochs: the InfoNCE value, the share of anchors with ξ < 1e-3, with ξ below the float32 / "
+            "bfloat16 unit roundoff (where cross-entropy's gradient on the positive is exactly 0 in that "
+            "precision), and the median of log₁₀ ξ."
+        ),
+        floatfmt=".3g",
+    )
+    ctx.result(
+        f"cells_{precision}",
+        [
+            {
+                "batch": b,
+                "temperature": t,
+                "loss": loss,
+                "steps": rs[0].steps,
+                **{f"{k}_mean": _ms([r.probe[k] for r in rs])[0] for k in ("1-shot", "5-shot", "full")},
+                **{f"{k}_std": _ms([r.probe[k] for r in rs])[1] for k in ("1-shot", "5-shot", "full")},
+                "share_xi_lt_1e-3": mean_tail(rs, "xi_lt_1e-3"),
+                "share_below_fp32": mean_tail(rs, "below_fp32"),
+                "share_below_bf16": mean_tail(rs, "below_bf16"),
+                "info_nce_end": mean_tail(rs, "info_nce"),
+                "seeds": [r.seed for r in rs],
+                "per_seed_1shot": [r.probe["1-shot"] for r in rs],
+            }
+            for (b, t, loss), rs in sorted(cells.items())
+        ],
+    )
+
+
+def _report_differences(ctx: Context, plan: list[Run]) -> None:
+    """Paired differences FlatNCE − InfoNCE (same seeds, same probe draws) per arm, batch and temperature."""
+    rows = []
     for precision in ARMS:
         cells = _cells(plan, precision)
         for b, t in sorted({(b, t) for b, t, _ in cells}):
@@ -479,17 +486,17 @@ def _report(ctx: Any, plan: list[Run], base_pix: dict, base_rand: dict, cfg: dic
                 continue
             d1 = [a.probe["1-shot"] - c.probe["1-shot"] for a, c in zip(f, i)]
             d5 = [a.probe["5-shot"] - c.probe["5-shot"] for a, c in zip(f, i)]
-            diff_rows.append([precision, b, t, _fmt(d1), _fmt(d5), f"{sum(x > 0 for x in d1)}/{len(d1)}"])
+            rows.append([precision, b, t, _fmt(d1), _fmt(d5), f"{sum(x > 0 for x in d1)}/{len(d1)}"])
     ctx.table(
         ["precision", "batch", "T", "Δ 1-shot (Flat − Info)", "Δ 5-shot", "seeds Flat better (1-shot)"],
-        diff_rows,
+        rows,
         caption="Paired differences FlatNCE − InfoNCE (percentage points), same seed and probe draws.",
     )
 
-    _pilot(ctx, plan)
-    _summary(ctx, plan)
 
-    # figure: probe accuracy vs batch size
+def _plot_probe_vs_batch(ctx: Context, plan: list[Run]) -> None:
+    import matplotlib.pyplot as plt
+
     cells = _cells(plan, "fp32")
     batches = sorted({b for b, _, _ in cells})
     temps = sorted({t for _, t, _ in cells})
@@ -499,21 +506,29 @@ def _report(ctx: Any, plan: list[Run], base_pix: dict, base_rand: dict, cfg: dic
             for loss, style in (("infonce", "--"), ("flatnce", "-")):
                 bs = [b for b in batches if (b, t, loss) in cells]
                 ms = [_ms([r.probe[key] for r in cells[(b, t, loss)]]) for b in bs]
-                ax.errorbar(bs, [m for m, _ in ms], yerr=[s for _, s in ms], ls=style, marker="o", capsize=3, label=f"{loss} T={t}")
+                ax.errorbar(bs, [m for m, _ in ms], yerr=[s for _, s in ms], ls=style, marker="o", capsize=3,
+                            label=f"{loss} T={t}")
         for arm, color in (("bf16-loss", "tab:gray"), ("bf16", "k")):
             for loss, mk in (("infonce", "x"), ("flatnce", "s")):
-                pts = sorted((b, _ms([r.probe[key] for r in rs])[0]) for (b, t, l), rs in _cells(plan, arm).items() if l == loss)
+                pts = sorted((b, _ms([r.probe[key] for r in rs])[0]) for (b, t, l), rs in _cells(plan, arm).items()
+                             if l == loss)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], mk, ms=8, color=color, alpha=0.7, label=f"{loss} {arm}")
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], mk, ms=8, color=color, alpha=0.7,
+                            label=f"{loss} {arm}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size (pairs)")
         ax.set_title(f"{key} probe accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    ctx.figure(fig, "probe-vs-batch", "Frozen-representation probe accuracy vs batch size (mean ± std over seeds); markers: bf16 arms (grey: loss in bf16, black: everything in bf16), T = first temperature.")
+    ctx.figure(fig, "probe-vs-batch", "Frozen-representation probe accuracy vs batch size (mean ± std over seeds); "
+               "markers: bf16 arms (grey: loss in bf16, black: everything in bf16), T = first temperature.")
 
-    # figure: ξ statistics over training at the smallest batch
-    b0 = batches[0]
+
+def _plot_xi(ctx: Context, plan: list[Run]) -> None:
+    """ξ statistics over training at the smallest float32 batch."""
+    import matplotlib.pyplot as plt
+
+    b0 = min(b for b, _, _ in _cells(plan, "fp32"))
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for (b, t, loss), rs in sorted(_cells(plan, "fp32").items()):
         if b != b0:
@@ -526,14 +541,13 @@ def _report(ctx: Any, plan: list[Run], base_pix: dict, base_rand: dict, cfg: dic
             if b != b0:
                 continue
             curve = np.mean([[c["below_bf16"] for c in r.curve] for r in rs], axis=0)
-            axes[0].plot(np.arange(1, len(curve) + 1), curve, ls=":" if loss == "infonce" else "-.", color=color, label=f"{arm} {loss}: ξ < u_bf16")
-    for ax, title in zip(axes, ("share of anchors: ξ < 1e-3 (float32), ξ < u_bf16 (bf16 arms)", "median log₁₀ ξ", "InfoNCE value (training batches)")):
+            axes[0].plot(np.arange(1, len(curve) + 1), curve, ls=":" if loss == "infonce" else "-.", color=color,
+                         label=f"{arm} {loss}: ξ < u_bf16")
+    titles = ("share of anchors: ξ < 1e-3 (float32), ξ < u_bf16 (bf16 arms)", "median log₁₀ ξ",
+              "InfoNCE value (training batches)")
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     ctx.figure(fig, "xi-over-training", f"ξ statistics over training at batch {b0} (training batches, mean over seeds).")
-
-    ctx.result("references", {"raw_pixels": base_pix, "untrained_encoder": base_rand})
-    ctx.result("epochs", cfg["epochs"])
-    ctx.result("runs", [{"loss": r.loss, "batch": r.batch, "T": r.temperature, "seed": r.seed, "precision": r.precision, "steps": r.steps, "seconds": r.seconds, **r.probe} for r in plan])

@@ -1,6 +1,7 @@
-"""Why isotropy: is parameter-space steepest descent also feature-space steepest descent? (seed 000)
+"""Why isotropy: is parameter-space steepest descent also feature-space steepest descent?
 
-Seed 000 / SPEC §5: for ``Y = XW`` the feature update of SGD is ``−η XXᵀG`` and
+The note: Su, *Why we prefer isotropy: an understanding via steepest descent*,
+kexue.fm/archives/11549. For ``Y = XW`` the feature update of SGD is ``−η XXᵀG`` and
 that of (momentum-free) Muon is ``−η X msign(XᵀG)``; both equal the feature-space
 steepest direction (``−G`` resp. ``−msign(G)``) when ``XXᵀ ∝ I``, which whitening
 provides; SignSGD has no such property. This experiment measures the cosine
@@ -12,6 +13,9 @@ between the actual feature update and the steepest feature direction
    BatchNorm, LayerNorm, RMSNorm and whitened inputs to every linear layer,
    per layer, over training (:class:`steepest.isotropy.AlignmentMonitor`);
 3. training curves with and without whitening for SGD and Muon.
+
+Measuring (``_synthetic_alignment``, ``_train``, ``_digits_runs``, ``_lr_sweep``,
+``_best_by_lr``) returns plain data; ``_report_*`` / ``_plot_*`` / ``_verdict`` write it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import copy
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +33,10 @@ from torch import nn
 
 from ..isotropy import AlignmentMonitor, Whitening, feature_alignment, isotropy_metrics, whiten
 from ..optim import Muon, SignSGD
+from ..report import Context
+from ._data import digits_generator_split
 
-TITLE = "Why isotropy: feature-space steepest descent (seed 000)"
+TITLE = "Why isotropy: feature-space steepest descent"
 # Small models: one intra-op thread is fastest (measured) and leaves the other core free.
 THREADS = 1
 
@@ -37,17 +45,26 @@ TREATMENTS = ("raw", "batchnorm", "layernorm", "rmsnorm", "whitening")
 # The norm each optimizer is steepest in; Adam (without its averages) is SignSGD.
 OWN_NORM = {"sgd": "sgd", "muon": "muon", "signsgd": "signsgd", "adam": "signsgd"}
 LR = {"sgd": 0.05, "muon": 0.02, "signsgd": 3e-4, "adam": 1e-3}
+RULES = ("sgd", "muon", "signsgd")
+# Inputs of the synthetic sweep: anisotropic raw batches and three ways to normalize them.
+SYNTHETIC: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "raw (anisotropic, mean≠0)": lambda X: X,
+    "standardized (BatchNorm)": lambda X: (X - X.mean(0)) / X.std(0, correction=0).clamp_min(1e-12),
+    "row-normalized (RMSNorm)": lambda X: X / X.pow(2).mean(1, keepdim=True).sqrt(),
+    "whitened X(XᵀX)^-1/2": lambda X: whiten(X, eps=1e-12),
+}
+Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- optimizers
-def _make_optimizer(name: str, params, lr: float):
+def _make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     if name == "signsgd":
         return SignSGD(params, lr=lr)
-    # the seed's Muon: no momentum, no lr scale, accurate msign, W ← W − η msign(∇W)
+    # the note's Muon: no momentum, no lr scale, accurate msign, W ← W − η msign(∇W)
     return Muon(params, lr=lr, momentum=0.0, nesterov=False, schedule="accurate", adjust_lr_fn="none")
 
 
@@ -62,7 +79,7 @@ def _norm(treatment: str, d: int) -> nn.Module:
         return nn.LayerNorm(d, elementwise_affine=False)
     if treatment == "rmsnorm":
         return nn.RMSNorm(d, elementwise_affine=False)
-    # the seed's uncentered whitening X (XᵀX/b + εI)^{-1/2}; "-g16": groups of 16 channels
+    # the note's uncentered whitening X (XᵀX/b + εI)^{-1/2}; "-g16": groups of 16 channels
     groups = d // 16 if treatment == "whitening-g16" else 1
     return Whitening(d, centered=False, affine=False, eps=1e-3, groups=groups)
 
@@ -78,27 +95,26 @@ def _mlp(treatment: str, widths: tuple[int, ...]) -> nn.Sequential:
     return nn.Sequential(mods)
 
 
-def _digits(seed: int):
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    X = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(y), generator=g)
-    n_test = 360
-    te, tr = perm[:n_test], perm[n_test:]
-    return X[tr], y[tr], X[te], y[te]
+def _smooth(v: Sequence[float], k: int) -> tuple[np.ndarray, np.ndarray]:
+    v = np.asarray(v, dtype=float)
+    if len(v) < k or k <= 1:
+        return np.arange(len(v)), v
+    c = np.convolve(v, np.ones(k) / k, mode="valid")
+    return np.arange(k - 1, len(v)), c
 
 
-def _train(opt_name, treatment, data, *, steps, batch, widths, seed, eval_every, lr_mult=1.0, monitor=True):
+# ----------------------------------------------------------------------------- training
+def _train(opt_name: str, treatment: str, data: Data, *, steps: int, batch: int, widths: tuple[int, ...], seed: int,
+           eval_every: int, lr_mult: float = 1.0, monitor: bool = True) -> dict[str, Any]:
+    """Train one MLP; its losses, (step, test accuracy) evaluations, alignment monitor and end-of-training probes."""
     Xtr, ytr, Xte, yte = data
     torch.manual_seed(seed)
     model = _mlp(treatment, widths)
     opt = _make_optimizer(opt_name, model.parameters(), LR[opt_name] * lr_mult)
-    mon = AlignmentMonitor(model, opt, norms=("sgd", "muon", "signsgd")) if monitor else None
+    mon = AlignmentMonitor(model, opt, norms=RULES) if monitor else None
     g = torch.Generator().manual_seed(seed + 1)
-    losses, evals = [], []
+    losses: list[float] = []
+    evals: list[tuple[int, float]] = []
     order = torch.randperm(len(ytr), generator=g)
     pos = 0
     loss_fn = nn.CrossEntropyLoss()
@@ -122,74 +138,86 @@ def _train(opt_name, treatment, data, *, steps, batch, widths, seed, eval_every,
                 mon.remove()
             return {"monitor": mon, "losses": losses, "evals": evals, "iso": None, "batch_acc": math.nan, "diverged": True}
         if (step + 1) % eval_every == 0 or step == steps - 1:
-            model.eval()
-            with torch.no_grad():
-                acc = float((model(Xte).argmax(1) == yte).float().mean())
-            evals.append((step + 1, acc))
-    # test accuracy with batch statistics (train-mode normalization on test batches),
-    # on a copy so the running statistics stay untouched
+            evals.append((step + 1, _accuracy(model, Xte, yte)))
     if mon is not None:
         mon.remove()
+    # the end-of-training probes run on a copy in train mode, so the running statistics stay untouched
     probe = copy.deepcopy(model).train()
+    out = {"monitor": mon, "losses": losses, "evals": evals, "iso": None,
+           "batch_acc": _batch_stats_accuracy(probe, Xte, yte, batch), "diverged": False}
+    if mon is not None:
+        out["iso"] = _input_isotropy(probe, mon.layers, Xtr[order[:batch]])
+    return out
+
+
+def _accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
+    """Test accuracy in eval mode (running statistics)."""
+    model.eval()
     with torch.no_grad():
-        nb = len(yte) // batch
-        hits = sum(int((probe(Xte[i * batch : (i + 1) * batch]).argmax(1) == yte[i * batch : (i + 1) * batch]).sum()) for i in range(nb))
-    batch_acc = hits / (nb * batch)
-    if mon is None:
-        return {"monitor": None, "losses": losses, "evals": evals, "iso": None, "batch_acc": batch_acc, "diverged": False}
-    # isotropy of each linear layer's input on one training batch (train mode, on the copy)
-    feats = {}
-    probe_mods = dict(probe.named_modules())
-    hooks = [
-        probe_mods[name].register_forward_hook(lambda m, i, o, name=name: feats.__setitem__(name, i[0].detach()))
-        for name in mon.layers
-    ]
+        return float((model(X).argmax(1) == y).float().mean())
+
+
+def _batch_stats_accuracy(probe: nn.Module, X: torch.Tensor, y: torch.Tensor, batch: int) -> float:
+    """Test accuracy with batch statistics: train-mode normalization on whole test batches."""
     with torch.no_grad():
-        probe(Xtr[order[:batch]])
+        nb = len(y) // batch
+        hits = sum(int((probe(X[i * batch : (i + 1) * batch]).argmax(1) == y[i * batch : (i + 1) * batch]).sum())
+                   for i in range(nb))
+    return hits / (nb * batch)
+
+
+def _input_isotropy(probe: nn.Module, layers: Iterable[str], x: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Isotropy metrics of each linear layer's input on one training batch."""
+    feats: dict[str, torch.Tensor] = {}
+    mods = dict(probe.named_modules())
+    hooks = [mods[name].register_forward_hook(lambda m, i, o, name=name: feats.__setitem__(name, i[0].detach()))
+             for name in layers]
+    with torch.no_grad():
+        probe(x)
     for h in hooks:
         h.remove()
-    iso = {name: isotropy_metrics(x) for name, x in feats.items()}
-    return {"monitor": mon, "losses": losses, "evals": evals, "iso": iso, "batch_acc": batch_acc, "diverged": False}
+    return {name: isotropy_metrics(x) for name, x in feats.items()}
 
 
-def _smooth(v, k):
-    v = np.asarray(v, dtype=float)
-    if len(v) < k or k <= 1:
-        return np.arange(len(v)), v
-    c = np.convolve(v, np.ones(k) / k, mode="valid")
-    return np.arange(k - 1, len(v)), c
+def _mean_align(run: dict[str, Any], layer: str, norm: str) -> float:
+    """Mean over steps of the alignment the monitor recorded for ``layer`` in ``norm``."""
+    v = run["monitor"].history[layer][norm]
+    return float(np.mean(v)) if v else math.nan
 
 
-# ----------------------------------------------------------------------------- parts
-def _synthetic(ctx, plt):
+def _layer_mean(run: dict[str, Any] | None, layers: Sequence[str], norm: str) -> float:
+    """Layer-mean alignment in ``norm`` (nan for a run that was not made)."""
+    return float(np.mean([_mean_align(run, L, norm) for L in layers])) if run else math.nan
+
+
+# ----------------------------------------------------------------------------- 1. synthetic batches
+def _synthetic_alignment(ctx: Context, ratios: list[float], trials: int) -> dict[str, dict[str, dict[float, float]]]:
+    """``res[inputs][rule][b/d]``: mean cosine over ``trials`` Gaussian batches (d = 64, anisotropic, mean 0.5)."""
     d, d_out = 64, 32
-    ratios = ctx.pick([0.5, 4.0], [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0], [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
-    trials = ctx.pick(1, 6, 20)
     g = torch.Generator().manual_seed(ctx.seed)
     spectrum = torch.logspace(0, -2, d, dtype=torch.float64)  # anisotropic: condition number 1e4 of the covariance
-    treatments = {
-        "raw (anisotropic, mean≠0)": lambda X: X,
-        "standardized (BatchNorm)": lambda X: (X - X.mean(0)) / X.std(0, correction=0).clamp_min(1e-12),
-        "row-normalized (RMSNorm)": lambda X: X / X.pow(2).mean(1, keepdim=True).sqrt(),
-        "whitened X(XᵀX)^-1/2": lambda X: whiten(X, eps=1e-12),
-    }
-    res = {t: {r: {} for r in ("sgd", "muon", "signsgd")} for t in treatments}
+    res: dict[str, dict[str, dict[float, float]]] = {t: {r: {} for r in RULES} for t in SYNTHETIC}
     for ratio in ctx.track(ratios, "isotropy: b/d sweep"):
         b = max(2, int(round(ratio * d)))
-        for t, f in treatments.items():
-            acc = {r: [] for r in ("sgd", "muon", "signsgd")}
+        for t, f in SYNTHETIC.items():
+            acc: dict[str, list[float]] = {r: [] for r in RULES}
             for _ in range(trials):
                 Z = torch.randn(b, d, generator=g, dtype=torch.float64)
-                X = Z * spectrum + 0.5
-                X = f(X)
+                X = f(Z * spectrum + 0.5)
                 G = torch.randn(b, d_out, generator=g, dtype=torch.float64)
                 for r in acc:
                     acc[r].append(float(feature_alignment(X, G, r)))
             for r in acc:
                 res[t][r][ratio] = float(np.mean(acc[r]))
+    return res
+
+
+def _report_synthetic(ctx: Context, res: dict[str, dict[str, dict[float, float]]], ratios: list[float]) -> None:
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
-    for ax, r in zip(axes, ("sgd", "muon", "signsgd")):
-        for t in treatments:
+    for ax, r in zip(axes, RULES):
+        for t in SYNTHETIC:
             ax.plot(ratios, [res[t][r][q] for q in ratios], marker="o", label=t)
         if r == "sgd":
             xs = np.array(ratios)
@@ -201,116 +229,110 @@ def _synthetic(ctx, plt):
     axes[0].set_ylabel("cos(XΔW, steepest feature dir.)")
     axes[0].legend(fontsize=7)
     ctx.figure(fig, "ratio", "Synthetic batches (d = 64, G Gaussian): alignment vs batch-to-width ratio")
-    rows = []
-    for t in treatments:
-        for r in ("sgd", "muon", "signsgd"):
-            rows.append([t, r, *[res[t][r][q] for q in ratios]])
-    ctx.table(["X", "rule", *[f"b/d={q:g}" for q in ratios]], rows, caption="**Synthetic alignment** (mean over trials)", floatfmt=".3f")
+    rows = [[t, r, *[res[t][r][q] for q in ratios]] for t in SYNTHETIC for r in RULES]
+    ctx.table(["X", "rule", *[f"b/d={q:g}" for q in ratios]], rows,
+              caption="**Synthetic alignment** (mean over trials)", floatfmt=".3f")
     ctx.result("synthetic", {t: {r: {str(q): v for q, v in res[t][r].items()} for r in res[t]} for t in res})
-    return res, ratios
 
 
+# ----------------------------------------------------------------------------- 2. digits MLP
+def _digits_setup(ctx: Context) -> dict[str, Any]:
+    widths, steps = (64, 128, 128, 10), ctx.pick(10, 200, 1500)
+    return {"widths": widths, "batch": 32, "steps": steps, "eval_every": ctx.pick(5, 20, 100),
+            "layers": [f"fc{i + 1}" for i in range(len(widths) - 1)], "tail": max(1, steps // 10), "seed": ctx.seed}
 
-def run(ctx) -> None:
-    import matplotlib.pyplot as plt
 
-    t0 = time.perf_counter()
-    torch.manual_seed(ctx.seed)
-    ctx.text(
-        "Seed 000 claims: with isotropic inputs (XXᵀ ∝ I) the parameter update of SGD and of momentum-free "
-        "Muon is also the steepest descent of the layer's *features* (cosine 1 between ΔY = XΔW and −G resp. "
-        "−msign(G)); SignSGD lacks this. Measured: that cosine."
-    )
-    syn, ratios = _synthetic(ctx, plt)
+def _fit(o: str, t: str, data: Data, cfg: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    return _train(o, t, data, steps=cfg["steps"], batch=cfg["batch"], widths=cfg["widths"], seed=cfg["seed"],
+                  eval_every=cfg["eval_every"], **kw)
 
-    # -- digits MLP grid ----------------------------------------------------------
-    widths = (64, 128, 128, 10)
-    batch = 32
-    steps = ctx.pick(10, 200, 1500)
-    eval_every = ctx.pick(5, 20, 100)
-    data = _digits(ctx.seed)
+
+def _digits_runs(ctx: Context, data: Data, cfg: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every optimizer × input treatment at its base lr, alignment monitored."""
     grid = [(o, t) for o in OPTIMIZERS for t in TREATMENTS]
     if ctx.mode == "smoke":
         grid = [("sgd", "raw"), ("muon", "whitening"), ("signsgd", "whitening"), ("adam", "batchnorm")]
-    runs = {}
-    for o, t in ctx.track(grid, "isotropy: digits MLP runs"):
-        runs[(o, t)] = _train(o, t, data, steps=steps, batch=batch, widths=widths, seed=ctx.seed, eval_every=eval_every)
-    layers = [f"fc{i + 1}" for i in range(len(widths) - 1)]
+    return {(o, t): _fit(o, t, data, cfg) for o, t in ctx.track(grid, "isotropy: digits MLP runs")}
 
-    def mean_align(run, layer, norm):
-        v = run["monitor"].history[layer][norm]
-        return float(np.mean(v)) if v else math.nan
 
+def _report_digits(ctx: Context, runs: dict[tuple[str, str], dict[str, Any]], cfg: dict[str, Any]) -> None:
+    layers, widths = cfg["layers"], cfg["widths"]
     rows, res = [], {}
     for (o, t), r in runs.items():
         nm = OWN_NORM[o]
-        al = [mean_align(r, L, nm) for L in layers]
-        fro = [mean_align(r, L, "sgd") for L in layers]
+        al = [_mean_align(r, L, nm) for L in layers]
+        fro = [_mean_align(r, L, "sgd") for L in layers]
         acc = r["evals"][-1][1]
-        tail = r["losses"][-max(1, steps // 10) :]
-        rows.append([o, t, nm, *al, float(np.mean(al)), float(np.mean(fro)), float(np.mean(tail)), acc])
+        tail = float(np.mean(r["losses"][-cfg["tail"] :]))
+        rows.append([o, t, nm, *al, float(np.mean(al)), float(np.mean(fro)), tail, acc])
         res[f"{o}/{t}"] = {
             "own_norm": nm,
-            "alignment": {L: {n: mean_align(r, L, n) for n in ("sgd", "muon", "signsgd")} for L in layers},
-            "final_train_loss": float(np.mean(tail)),
+            "alignment": {L: {n: _mean_align(r, L, n) for n in RULES} for L in layers},
+            "final_train_loss": tail,
             "test_accuracy": acc,
             "isotropy": r["iso"],
         }
     ctx.table(
-        ["optimizer", "inputs", "norm", *[f"{L}" for L in layers], "layer mean", "mean cos vs −G", "train loss", "test acc (eval mode)"],
+        ["optimizer", "inputs", "norm", *layers, "layer mean", "mean cos vs −G", "train loss", "test acc (eval mode)"],
         rows,
         caption=(
             f"**Digits MLP {'-'.join(map(str, widths))}** (no biases, norms without affine parameters before every "
-            f"linear layer, batch {batch}, {steps} steps, no momentum except Adam's): mean over steps of "
+            f"linear layer, batch {cfg['batch']}, {cfg['steps']} steps, no momentum except Adam's): mean over steps of "
             "cos(X·ΔW, steepest feature direction) in the optimizer's own norm (Adam: sign/max norm), per layer"
         ),
         floatfmt=".3f",
     )
     ctx.result("digits", res)
-
-    # pivot: optimizer × treatment, layer-mean own-norm alignment
-    opts = [o for o in OPTIMIZERS if any(k[0] == o for k in runs)]
-    treats = [t for t in TREATMENTS if any(k[1] == t for k in runs)]
-    piv = []
-    for o in opts:
-        row = [o]
-        for t in treats:
-            r = runs.get((o, t))
-            row.append(float(np.mean([mean_align(r, L, OWN_NORM[o]) for L in layers])) if r else math.nan)
-        piv.append(row)
+    opts, treats = _present(runs)
+    piv = [[o, *[_layer_mean(runs.get((o, t)), layers, OWN_NORM[o]) for t in treats]] for o in opts]
     ctx.table(["optimizer \\ inputs", *treats], piv, caption="**Layer-mean alignment** (own norm)", floatfmt=".3f")
+    _report_input_isotropy(ctx, runs, treats, cfg)
 
-    # isotropy of the linear inputs at the end of training (SGD runs)
-    iso_rows = []
+
+def _present(runs: dict[tuple[str, str], Any]) -> tuple[list[str], list[str]]:
+    """The optimizers and treatments that have runs, in the canonical order."""
+    return ([o for o in OPTIMIZERS if any(k[0] == o for k in runs)],
+            [t for t in TREATMENTS if any(k[1] == t for k in runs)])
+
+
+def _report_input_isotropy(ctx: Context, runs: dict[tuple[str, str], dict[str, Any]], treats: list[str],
+                           cfg: dict[str, Any]) -> None:
+    """Isotropy of the linear layers' inputs at the end of training (SGD runs)."""
+    rows = []
     for t in treats:
         r = runs.get(("sgd", t))
         if r is None or r["iso"] is None:
             continue
-        for L in layers:
+        for L in cfg["layers"]:
             m = r["iso"][L]
-            iso_rows.append([t, L, m["gram_distance"], m["effective_rank"], m["condition_number"], m["mean_cosine"]])
+            rows.append([t, L, m["gram_distance"], m["effective_rank"], m["condition_number"], m["mean_cosine"]])
     ctx.table(
         ["inputs", "layer", "‖XXᵀ−cI‖/‖XXᵀ‖", "effective rank", "cov. condition", "mean pair cos"],
-        iso_rows,
+        rows,
         caption=(
-            f"**Isotropy of each linear layer's input** (one training batch of {batch}, end of SGD training; "
+            f"**Isotropy of each linear layer's input** (one training batch of {cfg['batch']}, end of SGD training; "
             "the covariance condition number is inf whenever the batch is not larger than the width)"
         ),
         floatfmt=".3g",
     )
 
-    # alignment over training: rows = optimizer, cols = layer, lines = treatment
-    k = max(1, steps // 30)
-    fig, axes = plt.subplots(len(opts), len(layers), figsize=(4 * len(layers), 2.6 * len(opts)), sharex=True, sharey=True, squeeze=False)
+
+def _plot_alignment(ctx: Context, runs: dict[tuple[str, str], dict[str, Any]], cfg: dict[str, Any]) -> None:
+    """Alignment over training: rows = optimizer, columns = layer, lines = treatment."""
+    import matplotlib.pyplot as plt
+
+    layers = cfg["layers"]
+    opts, treats = _present(runs)
+    k = max(1, cfg["steps"] // 30)
+    fig, axes = plt.subplots(len(opts), len(layers), figsize=(4 * len(layers), 2.6 * len(opts)), sharex=True,
+                             sharey=True, squeeze=False)
     for i, o in enumerate(opts):
         for j, L in enumerate(layers):
             ax = axes[i][j]
             for t in treats:
                 r = runs.get((o, t))
-                if r is None:
-                    continue
-                xs, ys = _smooth(r["monitor"].history[L][OWN_NORM[o]], k)
-                ax.plot(xs, ys, label=t, lw=1.2)
+                if r is not None:
+                    ax.plot(*_smooth(r["monitor"].history[L][OWN_NORM[o]], k), label=t, lw=1.2)
             ax.set_ylim(-0.05, 1.05)
             ax.grid(alpha=0.3)
             if i == 0:
@@ -320,49 +342,70 @@ def run(ctx) -> None:
             if i == len(opts) - 1:
                 ax.set_xlabel("step")
     axes[0][0].legend(fontsize=7)
-    ctx.figure(fig, "alignment", f"Digits MLP: alignment of the feature update with the steepest feature direction over training (moving average of {k} steps)")
+    ctx.figure(fig, "alignment", "Digits MLP: alignment of the feature update with the steepest feature direction "
+               f"over training (moving average of {k} steps)")
 
-    # training curves with / without whitening for SGD and Muon, each at its best lr
+
+# ----------------------------------------------------------------------------- 3. training curves
+def _curve_treatments(ctx: Context) -> tuple[str, ...]:
+    return ("whitening",) if ctx.mode == "smoke" else ("raw", "batchnorm", "whitening", "whitening-g16")
+
+
+def _lr_sweep(ctx: Context, runs: dict[tuple[str, str], dict[str, Any]], data: Data, cfg: dict[str, Any]
+              ) -> dict[tuple[str, str, float], dict[str, Any]]:
+    """SGD and Muon at a few lr multipliers per curve treatment (reusing the base-lr runs)."""
     mults = ctx.pick([1.0], [1.0, 4.0], [0.3, 1.0, 3.0, 10.0])
-    curve_treats = ("raw", "batchnorm", "whitening", "whitening-g16")
-    if ctx.mode == "smoke":
-        curve_treats = ("whitening",)
-    jobs = [(o, t, m) for o in ("sgd", "muon") for t in curve_treats for m in mults]
+    jobs = [(o, t, m) for o in ("sgd", "muon") for t in _curve_treatments(ctx) for m in mults]
     sweep = {}
     for o, t, m in ctx.track(jobs, "isotropy: lr sweep for the training curves"):
         if m == 1.0 and (o, t) in runs:
             sweep[(o, t, m)] = runs[(o, t)]
         else:
-            sweep[(o, t, m)] = _train(
-                o, t, data, steps=steps, batch=batch, widths=widths, seed=ctx.seed, eval_every=eval_every,
-                lr_mult=m, monitor=(t == "whitening-g16" and m == 1.0),
-            )
-    tail_n = max(1, steps // 10)
-    sweep_rows, best = [], {}
+            sweep[(o, t, m)] = _fit(o, t, data, cfg, lr_mult=m, monitor=(t == "whitening-g16" and m == 1.0))
+    return sweep
+
+
+def _best_by_lr(sweep: dict[tuple[str, str, float], dict[str, Any]], tail: int
+                ) -> dict[tuple[str, str], tuple[float, float, dict[str, Any]]]:
+    """(optimizer, treatment) → (final train loss, lr multiplier, run) of its lowest final train loss."""
+    best: dict[tuple[str, str], tuple[float, float, dict[str, Any]]] = {}
     for (o, t, m), r in sweep.items():
-        tl = float(np.mean(r["losses"][-tail_n:]))
-        al = float(np.mean([mean_align(r, L, OWN_NORM[o]) for L in layers])) if r["monitor"] else math.nan
-        sweep_rows.append([o, t, LR[o] * m, tl, r["evals"][-1][1], r["batch_acc"], al])
+        tl = float(np.mean(r["losses"][-tail:]))
         key = tl if math.isfinite(tl) else math.inf
         if (o, t) not in best or key < best[(o, t)][0]:
             best[(o, t)] = (key, m, r)
+    return best
+
+
+def _report_sweep(ctx: Context, sweep: dict[tuple[str, str, float], dict[str, Any]], cfg: dict[str, Any]) -> None:
+    rows = []
+    for (o, t, m), r in sweep.items():
+        tl = float(np.mean(r["losses"][-cfg["tail"]:]))
+        al = _layer_mean(r, cfg["layers"], OWN_NORM[o]) if r["monitor"] else math.nan
+        rows.append([o, t, LR[o] * m, tl, r["evals"][-1][1], r["batch_acc"], al])
     ctx.table(
-        ["optimizer", "inputs", "lr", "train loss (last 10%)", "test acc (eval mode)", "test acc (batch stats)", "alignment (own norm)"],
-        sweep_rows,
+        ["optimizer", "inputs", "lr", "train loss (last 10%)", "test acc (eval mode)", "test acc (batch stats)",
+         "alignment (own norm)"],
+        rows,
         caption=(
             "**Learning-rate sweep for the training curves** (whitening-g16: Whitening with groups of 16 channels, "
             "fewer than the 32 samples of a batch; alignment measured at the base lr only)"
         ),
         floatfmt=".3g",
     )
+
+
+def _plot_training(ctx: Context, best: dict[tuple[str, str], tuple[float, float, dict[str, Any]]],
+                   treats: tuple[str, ...], steps: int) -> None:
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     curves = {}
-    colors = dict(zip(curve_treats, ["C0", "C1", "C2", "C3"]))
-    for (o, t), (tl, m, r) in best.items():
+    colors = dict(zip(treats, ["C0", "C1", "C2", "C3"]))
+    for (o, t), (_, m, r) in best.items():
         style = "-" if o == "sgd" else "--"
         label = f"{o} / {t} (lr {LR[o] * m:g})"
-        xs, ys = _smooth(r["losses"], max(1, steps // 30))
-        axes[0].plot(xs, ys, style, color=colors[t], label=label)
+        axes[0].plot(*_smooth(r["losses"], max(1, steps // 30)), style, color=colors[t], label=label)
         e = np.array(r["evals"])
         axes[1].plot(e[:, 0], e[:, 1], style, color=colors[t], marker=".", label=label)
         curves[f"{o}/{t}"] = {"lr": LR[o] * m, "loss": r["losses"], "test_accuracy": r["evals"]}
@@ -374,40 +417,37 @@ def run(ctx) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    ctx.figure(fig, "training", "Digits MLP: training curves with and without a Whitening layer, SGD (solid) and Muon (dashed), best lr of the sweep")
+    ctx.figure(fig, "training", "Digits MLP: training curves with and without a Whitening layer, SGD (solid) and "
+               "Muon (dashed), best lr of the sweep")
     ctx.result("curves", curves)
 
-    # -- verdict ---------------------------------------------------------------------
-    def cell(o, t):
-        r = runs.get((o, t))
-        return float(np.mean([mean_align(r, L, OWN_NORM[o]) for L in layers])) if r else math.nan
 
-    def best_of(o, t):
+# ----------------------------------------------------------------------------- verdict
+def _verdict(ctx: Context, syn: dict[str, dict[str, dict[float, float]]], ratios: list[float],
+             runs: dict[tuple[str, str], dict[str, Any]], best: dict[tuple[str, str], tuple[float, float, dict]],
+             cfg: dict[str, Any]) -> None:
+    """The measured numbers set against the note's claim, in two paragraphs."""
+    def cell(o: str, t: str) -> float:
+        return _layer_mean(runs.get((o, t)), cfg["layers"], OWN_NORM[o])
+
+    def best_of(o: str, t: str) -> tuple[float, float, float]:
         v = best.get((o, t))
         return (v[0], v[2]["evals"][-1][1], v[2]["batch_acc"]) if v else (math.nan, math.nan, math.nan)
 
+    batch = cfg["batch"]
     syn_w = syn["whitened X(XᵀX)^-1/2"]["sgd"]
     big = max(ratios)
-    verdict = {o: {t: cell(o, t) for t in TREATMENTS} for o in OPTIMIZERS}
-    ctx.result("verdict_alignment", verdict)
     lw_s, aw_s, bw_s = best_of("sgd", "whitening")
     lb_s, ab_s, _ = best_of("sgd", "batchnorm")
     lw_m, aw_m, bw_m = best_of("muon", "whitening")
     lb_m, ab_m, _ = best_of("muon", "batchnorm")
     lg_s, ag_s, _ = best_of("sgd", "whitening-g16")
     lg_m, ag_m, _ = best_of("muon", "whitening-g16")
-    if ctx.mode == "smoke":
-        ctx.text("*Smoke mode: sizes too small for conclusions; run quick or full mode.*")
-        ctx.result("wall_seconds", time.perf_counter() - t0)
-        return
-    holds = (
-        min(cell("sgd", "whitening"), cell("muon", "whitening")) >= 0.95
-        and cell("signsgd", "whitening") < 0.9
-    )
+    holds = min(cell("sgd", "whitening"), cell("muon", "whitening")) >= 0.95 and cell("signsgd", "whitening") < 0.9
     worse = lw_s > lb_s and lw_m > lb_m
     g16_better = lg_s < lw_s and lg_m < lw_m
     ctx.text(
-        "**Measured vs the seed.** The seed expects whitened inputs to bring SGD and Muon to ≈ 1 and SignSGD not. "
+        "**Measured vs the note.** The note expects whitened inputs to bring SGD and Muon to ≈ 1 and SignSGD not. "
         f"Measured (layer-mean cosine in the optimizer's own norm, whitened inputs, batch {batch} ≤ every layer's "
         f"width so XXᵀ ∝ I is attainable): SGD {cell('sgd', 'whitening'):.3f}, Muon {cell('muon', 'whitening'):.3f}, "
         f"SignSGD {cell('signsgd', 'whitening'):.3f}, Adam {cell('adam', 'whitening'):.3f}; with raw inputs "
@@ -424,13 +464,47 @@ def run(ctx) -> None:
         ("**Alignment is not speed.** " if worse else "**Alignment and speed.** ")
         + "In the training curves (each configuration at its best learning rate of the "
         f"sweep), whitening at batch {batch} < width trains {'worse' if worse else 'no worse'} than BatchNorm "
-        f"although its feature updates are steepest: final train loss SGD {lw_s:.3g} vs {lb_s:.3g}, Muon {lw_m:.3g} vs {lb_m:.3g}; test accuracy in "
-        f"eval mode SGD {aw_s:.3f} vs {ab_s:.3f}, Muon {aw_m:.3f} vs {ab_m:.3f}. Two things work against it: (i) with b < d "
+        f"although its feature updates are steepest: final train loss SGD {lw_s:.3g} vs {lb_s:.3g}, Muon {lw_m:.3g} "
+        f"vs {lb_m:.3g}; test accuracy in eval mode SGD {aw_s:.3f} vs {ab_s:.3f}, Muon {aw_m:.3f} vs {ab_m:.3f}. Two "
+        "things work against it: (i) with b < d "
         "batch whitening sets XXᵀ = b·I, i.e. makes every pair of samples in a batch orthogonal and erases their "
         "similarity structure (isotropy table: mean pairwise cosine ≈ 0, Gram distance ≈ 0); (ii) the running "
         "statistics used in eval whiten differently from the rank-deficient batch statistics seen in training "
         f"(test accuracy with batch statistics: SGD {bw_s:.3f}, Muon {bw_m:.3f}). Group-wise whitening with "
         f"groups of 16 channels (fewer than the batch) keeps most of the alignment and trains "
-        f"{'better' if g16_better else 'no better'} (train loss SGD {lg_s:.3g}, Muon {lg_m:.3g}; eval-mode test accuracy SGD {ag_s:.3f}, Muon {ag_m:.3f})."
+        f"{'better' if g16_better else 'no better'} (train loss SGD {lg_s:.3g}, Muon {lg_m:.3g}; eval-mode test "
+        f"accuracy SGD {ag_s:.3f}, Muon {ag_m:.3f})."
     )
+
+
+def run(ctx: Context) -> None:
+    t0 = time.perf_counter()
+    torch.manual_seed(ctx.seed)
+    ctx.text(
+        "The note claims: with isotropic inputs (XXᵀ ∝ I) the parameter update of SGD and of momentum-free "
+        "Muon is also the steepest descent of the layer's *features* (cosine 1 between ΔY = XΔW and −G resp. "
+        "−msign(G)); SignSGD lacks this. Measured: that cosine."
+    )
+    ratios = ctx.pick([0.5, 4.0], [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
+                      [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
+    syn = _synthetic_alignment(ctx, ratios, trials=ctx.pick(1, 6, 20))
+    _report_synthetic(ctx, syn, ratios)
+
+    cfg = _digits_setup(ctx)
+    data = digits_generator_split(ctx.seed)
+    runs = _digits_runs(ctx, data, cfg)
+    _report_digits(ctx, runs, cfg)
+    _plot_alignment(ctx, runs, cfg)
+
+    sweep = _lr_sweep(ctx, runs, data, cfg)
+    best = _best_by_lr(sweep, cfg["tail"])
+    _report_sweep(ctx, sweep, cfg)
+    _plot_training(ctx, best, _curve_treatments(ctx), cfg["steps"])
+
+    ctx.result("verdict_alignment", {o: {t: _layer_mean(runs.get((o, t)), cfg["layers"], OWN_NORM[o])
+                                         for t in TREATMENTS} for o in OPTIMIZERS})
+    if ctx.mode == "smoke":
+        ctx.text("*Smoke mode: sizes too small for conclusions; run quick or full mode.*")
+    else:
+        _verdict(ctx, syn, ratios, runs, best, cfg)
     ctx.result("wall_seconds", time.perf_counter() - t0)

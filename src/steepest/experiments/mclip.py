@@ -1,6 +1,15 @@
-"""Seed 002: singular value clipping through msign, nested vs de-nested, against float64 SVD."""
+"""Singular value clipping through msign, nested vs de-nested, against float64 SVD.
+
+The notes: Su, *Computing singular value clipping mclip via msign (part 1)*,
+kexue.fm/archives/11006 (the nested formula) and *mclip via msign (part 2)*,
+kexue.fm/archives/11059 (the de-nested one). Measuring (``_errors``, ``_costs``,
+``_function_errors``) returns plain data; ``_report_*`` / ``_plot_errors`` write it.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -8,7 +17,9 @@ import torch
 from ..linalg import mclip, mpoly, msign, msquare, mstep
 from ..report import Context
 
-TITLE = "mclip via msign (seed 002)"
+TITLE = "mclip via msign"
+# None: the library's default thread count (the cost table times it as a user would run it).
+THREADS: int | None = None
 
 SPECTRA = {
     "gaussian": "Gaussian entries ×0.1/√n·3 (σ about 0–6)",
@@ -37,7 +48,7 @@ def _matrix(kind: str, m: int, n: int, rng: np.random.Generator) -> torch.Tensor
     return torch.from_numpy((U * s) @ V.T).float()
 
 
-def _svd_fn(M: torch.Tensor, f) -> np.ndarray:
+def _svd_fn(M: torch.Tensor, f: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     U, S, Vh = np.linalg.svd(M.double().numpy(), full_matrices=False)
     return (U * f(S)) @ Vh
 
@@ -50,41 +61,33 @@ def _top(out: torch.Tensor) -> float:
     return float(np.linalg.svd(out.double().numpy(), compute_uv=False).max())
 
 
-def run(ctx: Context) -> None:
-    import matplotlib.pyplot as plt
-
-    m, n = ctx.pick((48, 96), (256, 512), (1024, 2048))
-    steps_grid = ctx.pick([5, 10], [5, 8, 10, 12, 15, 20], [5, 8, 10, 12, 15, 20, 30])
-    rng = np.random.default_rng(ctx.seed)
-    ctx.text(
-        f"Singular value clipping `mclip(M) = U min(Σ, 1) Vᵀ` of float32 {m}×{n} matrices, computed from msign "
-        "by the seed's nested formula `2 mclip(M) = M + O + (I − M Oᵀ) msign(M − O)` and by the de-nested "
-        "`2 mclip(M) = M + O + (O − M) msign(H − I)`, `H = sym(OᵀM)` (SPEC.md §1), with the exact msign "
-        "(`schedule=\"accurate\"`) and with Polar Express Newton–Schulz in float32 for a growing number of steps "
-        "(extra steps use the quintic tail). Error: relative Frobenius error against a float64 SVD."
-    )
-    mats = {kind: _matrix(kind, m, n, rng) for kind in SPECTRA}
-    refs = {kind: _svd_fn(M, lambda s: np.minimum(s, 1.0)) for kind, M in mats.items()}
-
-    rows, results = [], {}
-    curves: dict[tuple[str, str], list[float]] = {}
-    for kind in ctx.track(list(SPECTRA), "mclip errors by spectrum"):
-        M, ref = mats[kind], refs[kind]
+def _errors(mats: dict[str, torch.Tensor], steps_grid: list[int], kinds: Any) -> dict[str, dict[str, Any]]:
+    """Per spectrum and form: relative error of mclip (exact msign; Polar Express NS per step count; bf16)."""
+    results = {}
+    for kind in kinds:
+        M = mats[kind]
+        ref = _svd_fn(M, lambda s: np.minimum(s, 1.0))
         for form in ("denested", "nested"):
             exact = mclip(M, schedule="accurate", form=form)
-            e_exact = _err(exact, ref)
             errs = [_err(mclip(M, schedule="polar_express", steps=s, form=form), ref) for s in steps_grid]
-            e_bf16 = _err(mclip(M, schedule="polar_express", steps=max(steps_grid), form=form, dtype=torch.bfloat16), ref)
-            curves[(kind, form)] = errs
-            rows.append([kind, form, e_exact, _top(exact), *errs, e_bf16])
+            bf16 = mclip(M, schedule="polar_express", steps=max(steps_grid), form=form, dtype=torch.bfloat16)
             results[f"{kind}/{form}"] = {
-                "accurate": e_exact,
+                "accurate": _err(exact, ref),
                 "accurate_top_sigma": _top(exact),
                 "ns_steps": dict(zip(steps_grid, errs)),
-                "ns_bf16": e_bf16,
+                "ns_bf16": _err(bf16, ref),
             }
+    return results
+
+
+def _report_errors(ctx: Context, results: dict[str, dict[str, Any]], steps_grid: list[int]) -> None:
+    rows = []
+    for key, r in results.items():
+        kind, form = key.split("/")
+        rows.append([kind, form, r["accurate"], r["accurate_top_sigma"], *r["ns_steps"].values(), r["ns_bf16"]])
     ctx.table(
-        ["spectrum", "form", "accurate", "σ_max(result)", *[f"PE {s} steps" for s in steps_grid], f"PE {max(steps_grid)} bf16"],
+        ["spectrum", "form", "accurate", "σ_max(result)", *[f"PE {s} steps" for s in steps_grid],
+         f"PE {max(steps_grid)} bf16"],
         rows,
         caption="Relative error of mclip against float64 SVD (bound 1).",
         floatfmt=".2e",
@@ -99,11 +102,16 @@ def run(ctx: Context) -> None:
         f"largest singular value of a result {worst_top:.6f} (contract ≤ 1 + 1e-4)."
     )
 
+
+def _plot_errors(ctx: Context, results: dict[str, dict[str, Any]], steps_grid: list[int]) -> None:
+    import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(SPECTRA), figsize=(3.2 * len(SPECTRA), 3.2), sharey=True)
     for ax, kind in zip(axes, SPECTRA):
         for form, style in (("denested", "-o"), ("nested", "--s")):
-            ax.semilogy(steps_grid, np.maximum(curves[(kind, form)], 1e-12), style, label=f"{form} (PE NS)")
-            ax.axhline(max(results[f"{kind}/{form}"]["accurate"], 1e-12), ls=":", color="C0" if form == "denested" else "C1")
+            r = results[f"{kind}/{form}"]
+            ax.semilogy(steps_grid, np.maximum(list(r["ns_steps"].values()), 1e-12), style, label=f"{form} (PE NS)")
+            ax.axhline(max(r["accurate"], 1e-12), ls=":", color="C0" if form == "denested" else "C1")
         ax.axhline(1e-4, color="k", lw=0.8)
         ax.set_title(kind, fontsize=9)
         ax.set_xlabel("NS steps")
@@ -111,24 +119,21 @@ def run(ctx: Context) -> None:
     axes[0].legend(fontsize=7)
     ctx.figure(fig, "errors", "mclip error vs Newton–Schulz steps per spectrum; dotted: exact msign; black: 1e-4")
 
-    # Cost in units of one msign.
-    shape = ctx.pick((64, 128), (512, 1024), (1024, 4096))
+
+def _costs(ctx: Context, shape: tuple[int, int]) -> list[list[Any]]:
+    """Median seconds of msign and of both mclip forms; the mclip forms in units of one msign."""
     X = torch.randn(*shape, generator=torch.Generator().manual_seed(ctx.seed)) * 3.0 / shape[1] ** 0.5
-    cost_rows = []
+    rows = []
     for label, kw in (("accurate", {"schedule": "accurate"}), ("PE 10 steps", {"schedule": "polar_express", "steps": 10})):
         t_sign = ctx.timeit(lambda: msign(X, **kw), warmup=1, repeat=3)["median"]
         t_den = ctx.timeit(lambda: mclip(X, **kw), warmup=1, repeat=3)["median"]
         t_nes = ctx.timeit(lambda: mclip(X, form="nested", **kw), warmup=1, repeat=3)["median"]
-        cost_rows.append([label, t_sign * 1e3, t_den / t_sign, t_nes / t_sign])
-    ctx.table(
-        ["msign", "msign ms", "de-nested / msign", "nested / msign"],
-        cost_rows,
-        caption=f"Measured cost of mclip in units of one msign ({shape[0]}×{shape[1]} float32, median of 3).",
-    )
-    ctx.result("cost", {r[0]: {"msign_ms": r[1], "denested": r[2], "nested": r[3]} for r in cost_rows})
+        rows.append([label, t_sign * 1e3, t_den / t_sign, t_nes / t_sign])
+    return rows
 
-    # mstep / msquare / mpoly against SVD.
-    M = mats["gaussian"]
+
+def _function_errors(M: torch.Tensor) -> list[list[Any]]:
+    """mstep / msquare / mpoly of ``M`` against float64 SVD."""
     checks = [
         ("mstep(M, 1)", mstep(M), lambda s: (s > 1).astype(float)),
         ("msquare(M)", msquare(M), lambda s: s**2),
@@ -136,6 +141,35 @@ def run(ctx: Context) -> None:
         ("mstep, PE 12 steps", mstep(M, schedule="polar_express", steps=12), lambda s: (s > 1).astype(float)),
         ("msquare, PE 12 steps", msquare(M, schedule="polar_express", steps=12), lambda s: s**2),
     ]
-    check_rows = [[name, _err(out, _svd_fn(M, f))] for name, out, f in checks]
+    return [[name, _err(out, _svd_fn(M, f))] for name, out, f in checks]
+
+
+def run(ctx: Context) -> None:
+    m, n = ctx.pick((48, 96), (256, 512), (1024, 2048))
+    steps_grid = ctx.pick([5, 10], [5, 8, 10, 12, 15, 20], [5, 8, 10, 12, 15, 20, 30])
+    rng = np.random.default_rng(ctx.seed)
+    ctx.text(
+        f"Singular value clipping `mclip(M) = U min(Σ, 1) Vᵀ` of float32 {m}×{n} matrices, computed from msign "
+        "by the nested formula of part 1 of the note `2 mclip(M) = M + O + (I − M Oᵀ) msign(M − O)` and by the "
+        "de-nested `2 mclip(M) = M + O + (O − M) msign(H − I)`, `H = sym(OᵀM)` (part 2, kexue.fm/archives/11059), "
+        "with the exact msign "
+        "(`schedule=\"accurate\"`) and with Polar Express Newton–Schulz in float32 for a growing number of steps "
+        "(extra steps use the quintic tail). Error: relative Frobenius error against a float64 SVD."
+    )
+    mats = {kind: _matrix(kind, m, n, rng) for kind in SPECTRA}
+    results = _errors(mats, steps_grid, ctx.track(list(SPECTRA), "mclip errors by spectrum"))
+    _report_errors(ctx, results, steps_grid)
+    _plot_errors(ctx, results, steps_grid)
+
+    shape = ctx.pick((64, 128), (512, 1024), (1024, 4096))
+    cost_rows = _costs(ctx, shape)
+    ctx.table(
+        ["msign", "msign ms", "de-nested / msign", "nested / msign"],
+        cost_rows,
+        caption=f"Measured cost of mclip in units of one msign ({shape[0]}×{shape[1]} float32, median of 3).",
+    )
+    ctx.result("cost", {r[0]: {"msign_ms": r[1], "denested": r[2], "nested": r[3]} for r in cost_rows})
+
+    check_rows = _function_errors(mats["gaussian"])
     ctx.table(["function (gaussian M)", "relative error vs SVD"], check_rows, floatfmt=".2e")
     ctx.result("functions", dict((r[0], r[1]) for r in check_rows))

@@ -1,7 +1,10 @@
 """Steepest descent under three norms: SGD (Euclidean), SignSGD (∞-norm), Muon (spectral).
 
-SPEC.md §2. Two tasks, every optimizer with its learning rate picked from a small
-grid by final validation loss:
+Muon as in Keller Jordan, *Muon: An optimizer for hidden layers in neural networks*
+(2024), kellerjordan.github.io/posts/muon/; the three optimizers as steepest descent
+under a norm as in Su, *Why we prefer isotropy: an understanding via steepest
+descent*, kexue.fm/archives/11549. Two tasks, every optimizer with its learning
+rate picked from a small grid by final validation loss:
 
 - **digits**: an MLP 64→128→128→10 on scikit-learn's digits (1797 images),
   stratified 75/25 train/validation split (``random_state=0``), minibatch 64.
@@ -18,6 +21,9 @@ non-matrix parameters), AdamW, SGD with Nesterov momentum 0.9, SignSGD with
 momentum 0.9. Both Muons use AdamW's best lr for their AdamW part. All runs share
 the initialization, the batches and the lr schedule (linear warm-up over 5 %, flat,
 linear decay to 0 over the last 30 %).
+
+Measuring (``train``, ``run_task``, ``_goal_rows``) returns plain data; the
+``_report_*`` / ``_plot_curves`` functions write it.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import os
 import sysconfig
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steepest.optim import Muon, SignSGD, muon_param_groups
+from ..optim import Muon, SignSGD, muon_param_groups
+from ..report import Context
 from ._data import digits_split
 
 TITLE = "Steepest descent under three norms: SGD, SignSGD and Muon on digits and a character LM"
@@ -111,25 +119,23 @@ def read_stdlib(files: list[str]) -> tuple[torch.Tensor, list[str]]:
     return torch.frombuffer(bytearray(text), dtype=torch.uint8).long(), used
 
 
+@dataclass
 class Task:
-    """A model factory, a batch stream and a validation loss."""
+    """A model factory, a batch stream, the loss, a validation loss (and accuracy) and a description."""
 
     name: str
     make_model: Callable[[], nn.Module]
     batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     val_loss: Callable[[nn.Module], float]
     notes: str
+    accuracy: Callable[[nn.Module], float] | None = None
 
 
-def digits_task(ctx: Any, steps: int, seed: int) -> Task:
+def digits_task(ctx: Context, steps: int, seed: int) -> Task:
     Xtr, ytr, Xva, yva = digits_split(0.25, 0)
     g = torch.Generator().manual_seed(seed)
     order = torch.randint(0, len(Xtr), (steps, 64), generator=g)
-    t = Task()
-    t.name = "digits"
-    t.make_model = lambda: MLP(128)
-    t.batch = lambda i: (Xtr[order[i]], ytr[order[i]])
-    t.loss = lambda out, target: F.cross_entropy(out, target)  # type: ignore[attr-defined]
 
     def val(model: nn.Module) -> float:
         with torch.no_grad():
@@ -139,13 +145,18 @@ def digits_task(ctx: Any, steps: int, seed: int) -> Task:
         with torch.no_grad():
             return float((model(Xva).argmax(1) == yva).float().mean())
 
-    t.val_loss = val
-    t.accuracy = acc  # type: ignore[attr-defined]
-    t.notes = f"digits: {len(Xtr)} train / {len(Xva)} validation images, MLP 64-128-128-10, batch 64"
-    return t
+    return Task(
+        name="digits",
+        make_model=lambda: MLP(128),
+        batch=lambda i: (Xtr[order[i]], ytr[order[i]]),
+        loss=lambda out, target: F.cross_entropy(out, target),
+        val_loss=val,
+        notes=f"digits: {len(Xtr)} train / {len(Xva)} validation images, MLP 64-128-128-10, batch 64",
+        accuracy=acc,
+    )
 
 
-def charlm_task(ctx: Any, steps: int, seed: int) -> Task:
+def charlm_task(ctx: Context, steps: int, seed: int) -> Task:
     d, layers, heads, seq, bs = ctx.pick((32, 1, 2, 32, 8), (64, 2, 4, 64, 16), (128, 2, 4, 64, 32))
     n_val = ctx.pick(8, 64, 128)
     train, used_tr = read_stdlib(TRAIN_FILES)
@@ -157,28 +168,27 @@ def charlm_task(ctx: Any, steps: int, seed: int) -> Task:
     offs = torch.arange(seq + 1)
     vstarts = torch.linspace(0, len(val) - seq - 2, n_val).long()
     vx = val[vstarts[:, None] + offs]
-    t = Task()
-    t.name = "char-LM"
-    t.make_model = lambda: CharGPT(128, d, layers, heads, seq)
 
     def batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         w = train[starts[i][:, None] + offs]
         return w[:, :-1], w[:, 1:]
-
-    t.batch = batch
-    t.loss = lambda out, target: F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))  # type: ignore[attr-defined]
 
     def val_loss(model: nn.Module) -> float:
         with torch.no_grad():
             out = model(vx[:, :-1])
             return float(F.cross_entropy(out.reshape(-1, out.shape[-1]), vx[:, 1:].reshape(-1)))
 
-    t.val_loss = val_loss
-    t.notes = (f"char-LM: d={d}, {layers} blocks, {heads} heads, context {seq}, batch {bs}; "
+    return Task(
+        name="char-LM",
+        make_model=lambda: CharGPT(128, d, layers, heads, seq),
+        batch=batch,
+        loss=lambda out, target: F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1)),
+        val_loss=val_loss,
+        notes=(f"char-LM: d={d}, {layers} blocks, {heads} heads, context {seq}, batch {bs}; "
                f"{len(train) / 1e3:.0f} k training characters from {', '.join(used_tr)}; "
                f"validation: {n_val} windows evenly spaced over {len(val) / 1e3:.0f} k characters of "
-               f"{', '.join(used_va)}")
-    return t
+               f"{', '.join(used_va)}"),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -243,7 +253,7 @@ def train(task: Task, name: str, lr: float, adamw_lr: float, steps: int, eval_ev
         x, y = task.batch(i)
         t0 = time.perf_counter()
         opt.zero_grad()
-        loss = task.loss(model(x), y)  # type: ignore[attr-defined]
+        loss = task.loss(model(x), y)
         if not torch.isfinite(loss):
             diverged = True
             break
@@ -263,8 +273,8 @@ def train(task: Task, name: str, lr: float, adamw_lr: float, steps: int, eval_ev
     final = hist_val[-1] if not diverged else float("inf")
     out = {"optimizer": name, "lr": lr, "steps": hist_step, "val": hist_val, "seconds": hist_time,
            "final": final, "diverged": diverged, "ms_per_step": 1e3 * elapsed / max(1, hist_step[-1])}
-    if hasattr(task, "accuracy") and not diverged:
-        out["accuracy"] = task.accuracy(model)  # type: ignore[attr-defined]
+    if task.accuracy is not None and not diverged:
+        out["accuracy"] = task.accuracy(model)
     return out
 
 
@@ -278,7 +288,7 @@ def steps_to(run: dict, target: float) -> tuple[int | None, float | None]:
 # ---------------------------------------------------------------------------
 # The experiment
 # ---------------------------------------------------------------------------
-def grids(ctx: Any) -> dict[str, list[float]]:
+def grids(ctx: Context) -> dict[str, list[float]]:
     return {
         "AdamW": ctx.pick([3e-3], [3e-3, 1e-2, 3e-2], [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]),
         "Muon (steepest)": ctx.pick([0.02], [0.01, 0.02, 0.05], [0.005, 0.01, 0.02, 0.05, 0.1]),
@@ -290,7 +300,8 @@ def grids(ctx: Any) -> dict[str, list[float]]:
     }
 
 
-def run_task(ctx: Any, task: Task, steps: int, eval_every: int) -> tuple[dict[str, dict], list[list]]:
+def run_task(ctx: Context, task: Task, steps: int, eval_every: int) -> tuple[dict[str, dict], list[list]]:
+    """Every optimizer over its lr grid: the best run per optimizer and one row per run."""
     grid = grids(ctx)
     best: dict[str, dict] = {}
     rows = []
@@ -310,57 +321,56 @@ def run_task(ctx: Any, task: Task, steps: int, eval_every: int) -> tuple[dict[st
     return best, rows
 
 
-
-def run(ctx: Any) -> None:
-    torch.manual_seed(ctx.seed)
-    np.random.seed(ctx.seed)
-    d_steps, d_eval = ctx.pick(20, 300, 1000), ctx.pick(10, 15, 25)
-    l_steps, l_eval = ctx.pick(20, 300, 1000), ctx.pick(10, 15, 25)
-    tasks = [(digits_task(ctx, d_steps, ctx.seed), d_steps, d_eval), (charlm_task(ctx, l_steps, ctx.seed), l_steps, l_eval)]
-    ctx.text(
-        "Steepest descent `ΔW = −η·dualmap(G)` under three norms: Euclidean (SGD), ∞-norm (SignSGD, "
-        "`sign(G)`) and spectral (Muon, `msign(G)`), with AdamW as the common baseline. "
-        + " ".join(t.notes + "." for t, _, _ in tasks)
-        + " Each optimizer's lr is the grid value with the lowest final validation loss (grids in the first table); "
-        + ("torch.optim.Muon runs at steepest Muon's chosen lr only (same lr convention), because its bfloat16 "
-           "Newton–Schulz makes it by far the slowest optimizer on CPU; `--full` gives it the whole grid. "
-           if not ctx.full else "")
-        + "The two Muons use AdamW's best lr for their AdamW part (embeddings, head, gains and biases). steepest Muon runs its defaults "
-        "(Polar Express NS in float32); torch.optim.Muon its own (Keller Jordan coefficients in bfloat16), weight "
-        "decay 0 for both. Schedule: warm-up 5 %, flat, linear decay to 0 over the last 30 %."
-    )
-    all_rows, results = [], {}
-    for task, steps, every in tasks:
-        best, rows = run_task(ctx, task, steps, every)
-        all_rows += rows
-        results[task.name] = best
-    ctx.table(["task", "optimizer", "lr", "final val loss", "val accuracy", "ms/step", "chosen"], all_rows,
-              caption="Learning-rate grid (final validation loss; digits also accuracy).")
-
-    goal_rows = []
+def _goal_rows(results: dict[str, dict[str, dict]]) -> list[list[Any]]:
+    """Per task and optimizer: steps (and training seconds) to reach AdamW's final validation loss."""
+    rows = []
     for tname, best in results.items():
         target = best["AdamW"]["final"]
-        base_steps, base_t = steps_to(best["AdamW"], target)
+        base_steps, _ = steps_to(best["AdamW"], target)
         for name in OPTIMIZERS:
             r = best[name]
             s, t = steps_to(r, target)
             ratio = s / base_steps if (s is not None and base_steps) else float("nan")
-            goal_rows.append([tname, name, r["lr"], r["final"], s if s is not None else "not reached", ratio,
-                              t if t is not None else float("nan"), r["ms_per_step"]])
-            ctx.result(f"{tname}/{name}/steps_to_adamw_final", s)
-            ctx.result(f"{tname}/{name}/final_val", r["final"])
-            ctx.result(f"{tname}/{name}/lr", r["lr"])
-            ctx.result(f"{tname}/{name}/ms_per_step", r["ms_per_step"])
+            rows.append([tname, name, r["lr"], r["final"], s if s is not None else "not reached", ratio,
+                         t if t is not None else float("nan"), r["ms_per_step"]])
+    return rows
+
+
+def _charlm_ratio(results: dict[str, dict[str, dict]]) -> tuple[float, int | None, int | None]:
+    """Steepest Muon's steps to AdamW's final char-LM validation loss, relative to AdamW's own."""
+    lm = results["char-LM"]
+    s_m, _ = steps_to(lm["Muon (steepest)"], lm["AdamW"]["final"])
+    s_a, _ = steps_to(lm["AdamW"], lm["AdamW"]["final"])
+    return ((s_m / s_a) if (s_m is not None and s_a) else float("nan")), s_m, s_a
+
+
+def _report_intro(ctx: Context, tasks: list[Task]) -> None:
+    ctx.text(
+        "Steepest descent `ΔW = −η·dualmap(G)` under three norms: Euclidean (SGD), ∞-norm (SignSGD, "
+        "`sign(G)`) and spectral (Muon, `msign(G)`), with AdamW as the common baseline. "
+        + " ".join(t.notes + "." for t in tasks)
+        + " Each optimizer's lr is the grid value with the lowest final validation loss (grids in the first table); "
+        + ("torch.optim.Muon runs at steepest Muon's chosen lr only (same lr convention), because its bfloat16 "
+           "Newton–Schulz makes it by far the slowest optimizer on CPU; `--full` gives it the whole grid. "
+           if not ctx.full else "")
+        + "The two Muons use AdamW's best lr for their AdamW part (embeddings, head, gains and biases). steepest Muon "
+        "runs its defaults (Polar Express NS in float32); torch.optim.Muon its own (Keller Jordan coefficients in "
+        "bfloat16), weight decay 0 for both. Schedule: warm-up 5 %, flat, linear decay to 0 over the last 30 %."
+    )
+
+
+def _report_goal(ctx: Context, results: dict[str, dict[str, dict]], goal_rows: list[list[Any]]) -> None:
+    for tname, name, lr, final, steps, _, _, ms in goal_rows:
+        ctx.result(f"{tname}/{name}/steps_to_adamw_final", None if steps == "not reached" else steps)
+        ctx.result(f"{tname}/{name}/final_val", final)
+        ctx.result(f"{tname}/{name}/lr", lr)
+        ctx.result(f"{tname}/{name}/ms_per_step", ms)
     ctx.table(["task", "optimizer", "lr", "final val loss", "steps to AdamW's final", "× AdamW's steps",
                "seconds to it", "ms/step"], goal_rows,
               caption="Steps (and training seconds) each optimizer needs to reach AdamW's final validation loss "
                       "(evaluated every few steps; AdamW's own count is the first evaluation at or below its final "
                       "value).")
-
-    lm = results["char-LM"]
-    s_m, _ = steps_to(lm["Muon (steepest)"], lm["AdamW"]["final"])
-    s_a, _ = steps_to(lm["AdamW"], lm["AdamW"]["final"])
-    ratio = (s_m / s_a) if (s_m is not None and s_a) else float("nan")
+    ratio, s_m, s_a = _charlm_ratio(results)
     ctx.result("charlm_muon_steps_ratio", ratio)
     ctx.result("charlm_goal_met", bool(ratio <= 0.8))
     ctx.text(
@@ -370,6 +380,8 @@ def run(ctx: Any) -> None:
         + " (Mode " + ctx.mode + "; a single seed.)"
     )
 
+
+def _plot_curves(ctx: Context, results: dict[str, dict[str, dict]]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
@@ -390,3 +402,21 @@ def run(ctx: Any) -> None:
     fig.tight_layout()
     ctx.figure(fig, "curves", "Validation loss (log scale) of each optimizer at its best lr, against steps (left) "
                "and training wall-clock (right); dashed: AdamW's final validation loss.")
+
+
+def run(ctx: Context) -> None:
+    torch.manual_seed(ctx.seed)
+    np.random.seed(ctx.seed)
+    d_steps, d_eval = ctx.pick(20, 300, 1000), ctx.pick(10, 15, 25)
+    l_steps, l_eval = ctx.pick(20, 300, 1000), ctx.pick(10, 15, 25)
+    tasks = [(digits_task(ctx, d_steps, ctx.seed), d_steps, d_eval), (charlm_task(ctx, l_steps, ctx.seed), l_steps, l_eval)]
+    _report_intro(ctx, [t for t, _, _ in tasks])
+    all_rows, results = [], {}
+    for task, steps, every in tasks:
+        best, rows = run_task(ctx, task, steps, every)
+        all_rows += rows
+        results[task.name] = best
+    ctx.table(["task", "optimizer", "lr", "final val loss", "val accuracy", "ms/step", "chosen"], all_rows,
+              caption="Learning-rate grid (final validation loss; digits also accuracy).")
+    _report_goal(ctx, results, _goal_rows(results))
+    _plot_curves(ctx, results)
