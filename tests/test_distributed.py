@@ -20,8 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from steepest import losses
-from steepest.distributed import (CommCounter, _owners, _row_counts, finite_mask_sharded, free_port, launch,
-                                  map_replicated, orthogonalize_sharded)
+from steepest.distributed import _row_counts, assign_owners as _owners, finite_mask_sharded, map_replicated
+from steepest.optim._matrices import orthogonalize_sharded
+from steepest.testing import CommCounter, free_port, launch
 from steepest.optim import EGDD, EGStepSize, Muon, muon_param_groups, orthogonalize
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),

@@ -452,7 +452,7 @@ def test_compiled_model_trains_like_eager():
 
 def test_orthogonalize_large_cpu_matrices_one_by_one_equal_msign():
     """Above the CPU batching threshold each matrix goes alone; results are msign's, zeros stay zero."""
-    from steepest.optim.muon import _CPU_BATCH_MAX
+    from steepest.optim._matrices import _CPU_BATCH_MAX
 
     g = torch.Generator().manual_seed(0)
     n = int(math.isqrt(_CPU_BATCH_MAX)) + 8  # n² entries > threshold

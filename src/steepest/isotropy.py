@@ -617,7 +617,7 @@ class AlignmentMonitor:
 
     def table(self, last: int | None = None, floatfmt: str = ".3f") -> str:
         """:meth:`summary` as a markdown table."""
-        from .report import markdown_table
+        from ._table import markdown_table
 
         keys = ["layer", "norm", "steps", "mean", "min", "max", "final"]
         return markdown_table(keys, [[r[k] for k in keys] for r in self.summary(last)], floatfmt)

@@ -13,16 +13,21 @@ taken as exact). So ``msign`` of a rank-r matrix is ``U[:, :r] V[:, :r]ᵀ`` and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 from torch import Tensor
 from ._validate import check_tensor
 
 __all__ = [
+    "EXACT",
+    "NSConfig",
     "Schedule",
     "SCHEDULES",
+    "resolve_schedule",
     "msign",
     "mclip",
     "mstep",
@@ -120,7 +125,13 @@ def ns_scalar(x: Tensor, schedule: str | Schedule | Sequence[Sequence[float]], s
     return x
 
 
-def _resolve_schedule(schedule: str | Schedule | Sequence[Sequence[float]]) -> Schedule:
+#: Schedules computed exactly rather than by Newton–Schulz.
+EXACT = ("accurate", "svd")
+_NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+ScheduleLike = Union[str, Schedule, Sequence[Sequence[float]]]
+
+
+def _resolve_schedule(schedule: ScheduleLike) -> Schedule:
     if isinstance(schedule, Schedule):
         return schedule
     if isinstance(schedule, str):
@@ -131,10 +142,64 @@ def _resolve_schedule(schedule: str | Schedule | Sequence[Sequence[float]]) -> S
                 f"schedule={schedule!r} is unknown; use 'accurate', 'svd', one of {sorted(SCHEDULES)}, "
                 "or a sequence of (a, b, c) triples"
             ) from None
-    rows = tuple(tuple(float(v) for v in row) for row in schedule)
+    try:
+        rows = tuple(tuple(float(v) for v in row) for row in schedule)
+    except (TypeError, ValueError):
+        rows = ()
     if not rows or any(len(r) != 3 for r in rows):
         raise ValueError("schedule as a sequence must hold (a, b, c) triples, e.g. [(3.4445, -4.775, 2.0315)] * 5")
+    if not all(math.isfinite(v) for r in rows for v in r):
+        raise ValueError(f"schedule entries must be finite numbers, got {rows}")
     return Schedule("custom", rows, safety=1.0, tail=rows[-1])  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class NSConfig:
+    """A checked orthogonalization setting: what :func:`resolve_schedule` returns.
+
+    ``schedule`` is a :class:`Schedule` or one of :data:`EXACT`; ``steps`` truncates
+    or extends it (``None``: its own length); ``dtype`` is the working precision of
+    Newton–Schulz (``None``: the input's, float32 for half inputs); ``eps``: a
+    matrix with ``‖X‖_F ≤ eps`` counts as zero where a caller asks for that
+    (Muon). Hashable, so equal settings share one batched computation.
+    """
+
+    schedule: Schedule | str = "accurate"
+    steps: int | None = None
+    dtype: torch.dtype | None = None
+    eps: float = 0.0
+
+    def msign(self, M: Tensor) -> Tensor:
+        """``msign(M)`` with these settings (no finiteness check: callers decide)."""
+        return msign(M, schedule=self.schedule, steps=self.steps, dtype=self.dtype, check_finite=False)
+
+
+def resolve_schedule(
+    schedule: ScheduleLike | NSConfig = "accurate",
+    *,
+    steps: int | None = None,
+    dtype: torch.dtype | None = None,
+    eps: float = 0.0,
+) -> NSConfig:
+    """Check an orthogonalization setting once and return it as an :class:`NSConfig`.
+
+    ``schedule``: ``"accurate"``, ``"svd"``, a name in :data:`SCHEDULES`, a
+    :class:`Schedule` or a sequence of ``(a, b, c)`` rows; ``steps``: an int in
+    [1, 100) or None; ``dtype``: None or a floating dtype for Newton–Schulz;
+    ``eps`` ≥ 0. An :class:`NSConfig` passes through unchanged. Every mistake is a
+    ValueError/TypeError naming the argument.
+    """
+    if isinstance(schedule, NSConfig):
+        return schedule
+    if not (isinstance(schedule, str) and schedule in EXACT):
+        schedule = _resolve_schedule(schedule)
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100):
+        raise ValueError(f"steps must be an int in [1, 100) or None, got {steps!r}")
+    if dtype is not None and dtype not in _NS_DTYPES:
+        raise TypeError(f"dtype must be None or one of {_NS_DTYPES}, got {dtype!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return NSConfig(schedule, steps, dtype, float(eps))
 
 
 # ---------------------------------------------------------------------------

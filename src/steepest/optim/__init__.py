@@ -1,9 +1,24 @@
-"""Steepest-descent optimizers: a functional core with thin ``torch.optim.Optimizer`` classes."""
+"""Steepest-descent optimizers: a functional core with thin ``torch.optim.Optimizer`` classes.
 
-from .eg import (  # noqa: E402  (exponentiated gradient, seed 004)
+Steepest descent under a norm moves along the norm's dual map of the gradient:
+the spectral norm gives Muon (``msign(G)``), the ∞-norm SignSGD (``sign(G)``), and
+log-space geometry on non-negative parameters exponentiated gradient descent. The
+step-size optimizers adapt their rates with exponentiated-gradient updates (Su,
+*Exponentiated gradient descent + meta-learning = adaptive learning rates*,
+kexue.fm/archives/8968).
+
+Every class derives from :class:`SteepestOptimizer` (argument checks, the
+``nonfinite`` policy, checked ``load_state_dict``) and calls its functional core.
+"""
+
+from ._base import NonFiniteGradientError, NonFiniteGradientWarning, SteepestOptimizer
+from ._matrices import DDP_STRATEGIES, Placement, matrix_shape, orthogonalize, project_spectral_ball
+from .eg import (
     EGD,
     EGDD,
+    EGDDState,
     EGStepSize,
+    GRANULARITIES,
     HypergradientSGD,
     egd_step,
     egdd_step,
@@ -11,7 +26,8 @@ from .eg import (  # noqa: E402  (exponentiated gradient, seed 004)
     eg_step_size_step,
     sgd_hd_step,
 )
-from .muon import (  # noqa: E402  (spectral-norm steepest descent, SPEC.md §2)
+from .muon import (
+    KELLER_JORDAN,
     Muon,
     adamw_step,
     muon_apply,
@@ -19,7 +35,41 @@ from .muon import (  # noqa: E402  (spectral-norm steepest descent, SPEC.md §2)
     muon_momentum,
     muon_param_groups,
     muon_step,
-    orthogonalize,
 )
-from .sign import SignSGD, sign_step  # noqa: E402  (∞-norm steepest descent)
-from ._common import NonFiniteGradientError, NonFiniteGradientWarning  # noqa: E402
+from .sign import SignSGD, sign_step
+
+__all__ = [
+    # optimizers
+    "Muon",
+    "SignSGD",
+    "EGD",
+    "EGStepSize",
+    "EGDD",
+    "HypergradientSGD",
+    "SteepestOptimizer",
+    # functional cores
+    "muon_step",
+    "muon_momentum",
+    "muon_apply",
+    "muon_lr_scale",
+    "adamw_step",
+    "orthogonalize",
+    "project_spectral_ball",
+    "sign_step",
+    "egd_step",
+    "eg_nu_update",
+    "eg_step_size_step",
+    "egdd_step",
+    "EGDDState",
+    "sgd_hd_step",
+    # parameter layout and placement
+    "muon_param_groups",
+    "matrix_shape",
+    "Placement",
+    "DDP_STRATEGIES",
+    "KELLER_JORDAN",
+    "GRANULARITIES",
+    # non-finite gradients
+    "NonFiniteGradientError",
+    "NonFiniteGradientWarning",
+]

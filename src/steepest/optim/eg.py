@@ -1,16 +1,21 @@
-"""Exponentiated-gradient optimizers and meta-learned step sizes (seed 004).
+"""Exponentiated-gradient optimizers and meta-learned step sizes.
+
+Source: Su, *Exponentiated gradient descent + meta-learning = adaptive learning
+rates*, kexue.fm/archives/8968 (the EG note), and the papers it builds on.
 
 Functional core (tensors in, new tensors out; nothing is modified in place):
 
 - :func:`egd_step` — exponentiated gradient descent for non-negative parameters.
-- :func:`eg_nu_update` and :func:`eg_step_size_step` — the seed's EG step-size rule.
+- :func:`eg_nu_update` and :func:`eg_step_size_step` — the EG note's step-size rule.
 - :func:`egdd_step` — the EGDD rule of TF Lingvo's ``egdd.py`` (Amid, Anil, Fifty, Warmuth 2022).
 - :func:`sgd_hd_step` — hypergradient-descent SGD (Baydin et al. 2018), the classic peer.
 
-Thin ``torch.optim.Optimizer`` classes over it: :class:`EGD`, :class:`EGStepSize`,
-:class:`EGDD`, :class:`HypergradientSGD`. Every class checks its hyperparameters
-(also for groups added later), refuses NaN/Inf gradients before touching any
-parameter or state, and round-trips ``state_dict()`` bit-exactly.
+Thin optimizer classes over it (:class:`steepest.optim.SteepestOptimizer`):
+:class:`EGD`, :class:`EGStepSize`, :class:`EGDD`, :class:`HypergradientSGD`. Every
+class checks its hyperparameters (also for groups added later and at every step),
+refuses NaN/Inf gradients before touching any parameter or state (``nonfinite=
+"raise"``, their default; ``"skip"`` skips such parameters), and round-trips
+``state_dict()`` bit-exactly.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
+
+from .._validate import check_choice, check_flag, check_number, param_name
+from ._base import SteepestOptimizer, lr_value
 
 __all__ = [
     "EGD",
@@ -41,31 +48,6 @@ GRANULARITIES = ("coordinate", "tensor", "global")
 
 
 # --------------------------------------------------------------------------- helpers
-def _check_number(name: str, value: Any, *, low: float | None = 0.0, high: float | None = None,
-                  low_open: bool = False, high_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        if isinstance(value, Tensor) and value.numel() == 1:
-            value = value.item()
-        else:
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value < low or (low_open and value == low)):
-        rel = ">" if low_open else ">="
-        raise ValueError(f"{name} must be {rel} {low}, got {value}")
-    if high is not None and (value > high or (high_open and value == high)):
-        rel = "<" if high_open else "<="
-        raise ValueError(f"{name} must be {rel} {high}, got {value}")
-    return value
-
-
-def _check_flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
 def _limits(dtype: torch.dtype) -> tuple[float, float, float]:
     info = torch.finfo(dtype)
     return float(info.tiny), float(info.max), math.log(float(info.max))
@@ -95,69 +77,9 @@ def _copy_into(dst: Tensor, src: Tensor) -> None:
     dst.copy_(src.full_tensor() if hasattr(src, "full_tensor") and not hasattr(dst, "full_tensor") else src)
 
 
-def _param_name(group: dict[str, Any], gi: int, i: int, p: Tensor) -> str:
-    names = group.get("param_names")
-    if names is not None and i < len(names):
-        return f"{names[i]!r}"
-    return f"param_groups[{gi}]['params'][{i}] (shape {tuple(p.shape)})"
-
-
-def _collect(opt: Optimizer) -> list[tuple[int, dict[str, Any], list[tuple[int, Tensor, Tensor]]]]:
-    """Per group, the params with a gradient; raises before any update if a gradient is bad."""
-    out = []
-    for gi, group in enumerate(opt.param_groups):
-        items = []
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            g = p.grad
-            if g.is_sparse:
-                raise TypeError(f"{type(opt).__name__} does not support sparse gradients "
-                                f"({_param_name(group, gi, i, p)}); use a dense parameter")
-            if not p.is_floating_point():
-                raise TypeError(f"{type(opt).__name__} needs floating-point parameters; "
-                                f"{_param_name(group, gi, i, p)} has dtype {p.dtype}")
-            if not bool(torch.isfinite(g).all()):
-                raise ValueError(
-                    f"non-finite gradient (NaN or Inf) for {_param_name(group, gi, i, p)}; "
-                    "no parameter or optimizer state was changed. Skip this step (e.g. with a grad "
-                    "scaler) or clip/fix the loss")
-            items.append((i, p, g))
-        out.append((gi, group, items))
-    return out
-
-
-class _Base(Optimizer):
-    """Validates every param group (also ones added later) with ``_validate_group``."""
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)  # fills in the defaults
-        try:
-            self._validate_group(self.param_groups[-1])
-        except (TypeError, ValueError):
-            self.param_groups.pop()  # leave the optimizer as it was
-            raise
-
-    def _checked(self) -> list[tuple[int, dict[str, Any], list[tuple[int, Tensor, Tensor]]]]:
-        """Gradients and hyperparameters of every group, all checked before anything is updated."""
-        work = _collect(self)
-        for _, group, _ in work:
-            self._validate_group(group, initial=False)
-        return work
-
-    def _validate_group(self, group: dict[str, Any], initial: bool = True) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    def _closure(self, closure: Callable[[], Any] | None) -> Any:
-        if closure is None:
-            return None
-        with torch.enable_grad():
-            return closure()
-
-
 # --------------------------------------------------------------------------- EGD
 def egd_step(param: Tensor, grad: Tensor, *, lr: float, simplex: bool = False) -> Tensor:
-    """One exponentiated-gradient step: ``θ ← θ ⊙ exp(−lr · g)`` (seed 004, eq. "EGD").
+    """One exponentiated-gradient step: ``θ ← θ ⊙ exp(−lr · g)`` (the EG note, kexue.fm/archives/8968).
 
     Gradient descent on φ = log θ with the factor e^φ dropped (Kivinen & Warmuth
     1997), so θ stays non-negative. With ``simplex=True`` the whole tensor is then
@@ -185,8 +107,8 @@ def egd_step(param: Tensor, grad: Tensor, *, lr: float, simplex: bool = False) -
     return torch.where(pos, w.clamp(min=tiny), w).to(out_dtype)
 
 
-class EGD(_Base):
-    """Exponentiated gradient descent for non-negative parameters (seed 004).
+class EGD(SteepestOptimizer):
+    """Exponentiated gradient descent for non-negative parameters (the EG note, kexue.fm/archives/8968).
 
     ``θ ← θ ⊙ exp(−lr · ∇L(θ))``; with ``simplex=True`` each tensor is renormalized
     to sum 1 after the step (mixture weights). See :func:`egd_step` for the
@@ -195,20 +117,31 @@ class EGD(_Base):
     A negative (or non-finite) parameter raises ``ValueError`` naming it: EGD is
     only defined on θ ≥ 0 (take ``abs`` or ``clamp_min(0)`` of the initial values).
     Pass ``model.named_parameters()`` to get names instead of indices in errors.
+
+    Args:
+        params: non-negative parameters or param groups (keys ``lr, simplex``).
+        lr: step size ≥ 0 (required).
+        simplex: renormalize each tensor to sum 1 after every step (default False).
+        nonfinite: ``"raise"`` (default) or ``"skip"``: what a NaN/Inf gradient does.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float, simplex: bool = False) -> None:
-        super().__init__(params, dict(lr=lr, simplex=simplex))
+    def __init__(self, params: Iterable[Any], lr: float, simplex: bool = False, *, nonfinite: str = "raise") -> None:
+        super().__init__(params, dict(lr=lr, simplex=simplex), nonfinite=nonfinite)
 
-    def _validate_group(self, group: dict[str, Any], initial: bool = True) -> None:
-        _check_number("lr", group["lr"])
-        _check_flag("simplex", group["simplex"])
-        gi = len(self.param_groups) - 1
-        for i, p in enumerate(group["params"]):
-            self._check_param(group, gi, i, p)
+    def _check_group(self, group: dict[str, Any], initial: bool = True) -> None:
+        check_number("lr", group["lr"])
+        check_flag("simplex", group["simplex"])
+        if initial:
+            gi = len(self.param_groups) - 1
+            for i, p in enumerate(group["params"]):
+                self._check_param(group, gi, i, p)
+
+    def _check_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"EGD keeps no state, got keys {sorted(state)}")
 
     def _check_param(self, group: dict[str, Any], gi: int, i: int, p: Tensor) -> None:
-        name = _param_name(group, gi, i, p)
+        name = param_name(group, gi, i, p)
         if not p.is_floating_point():
             raise TypeError(f"EGD needs floating-point parameters; {name} has dtype {p.dtype}")
         with torch.no_grad():
@@ -224,15 +157,15 @@ class EGD(_Base):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = self._closure(closure)
-        work = _collect(self)
-        for gi, group, items in work:
-            _check_number("lr", group["lr"])
-            for i, p, _ in items:
-                self._check_param(group, gi, i, p)
-        for _, group, items in work:
-            for _, p, g in items:
-                p.copy_(egd_step(p, g, lr=group["lr"], simplex=group["simplex"]))
+        loss = self._evaluate(closure)
+        work = self._gradients()
+        for gi, (group, items) in enumerate(work):
+            index = {id(q): i for i, q in enumerate(group["params"])}
+            for p, _ in items:
+                self._check_param(group, gi, index[id(p)], p)
+        for group, items in work:
+            for p, g in items:
+                p.copy_(egd_step(p, g, lr=lr_value(group["lr"]), simplex=group["simplex"]))
         return loss
 
 
@@ -240,7 +173,7 @@ class EGD(_Base):
 def eg_nu_update(nus: Sequence[Tensor], prev_grads: Sequence[Tensor], grads: Sequence[Tensor], *,
                  gamma: float, granularity: str = "coordinate", nu_min: float | None = None,
                  nu_max: float | None = None) -> list[Tensor]:
-    """The seed-004 rate update ``ν_{t+1} = ν_t ⊙ exp(γ g_{t−1} ⊙ g_t)``, clipped to optional bounds.
+    """The EG note's rate update ``ν_{t+1} = ν_t ⊙ exp(γ g_{t−1} ⊙ g_t)``, clipped to optional bounds.
 
     ``granularity``: ``"coordinate"`` — one ν per entry (``nus`` shaped like the
     grads); ``"tensor"`` — one 0-dim ν per tensor, updated with
@@ -274,59 +207,76 @@ def eg_nu_update(nus: Sequence[Tensor], prev_grads: Sequence[Tensor], grads: Seq
 
 def eg_step_size_step(params: Sequence[Tensor], grads: Sequence[Tensor], nus: Sequence[Tensor], *,
                       lr: float) -> list[Tensor]:
-    """``θ_{t+1} = θ_t − lr · ν_{t+1} ⊙ g_t`` (seed 004); a single ν (global) is shared by all tensors."""
+    """``θ_{t+1} = θ_t − lr · ν_{t+1} ⊙ g_t`` (the EG note); a single ν (global) is shared by all tensors."""
     if len(nus) == 1 and len(params) != 1:
         nus = [nus[0]] * len(params)
     return [p - lr * nu.to(p.dtype) * g for p, g, nu in zip(params, grads, nus, strict=True)]
 
 
-class EGStepSize(_Base):
-    """SGD with exponentiated-gradient step sizes (seed 004; Amid, Anil, Fifty, Warmuth 2022).
+class EGStepSize(SteepestOptimizer):
+    """SGD with exponentiated-gradient step sizes (the EG note; Amid, Anil, Fifty, Warmuth 2022).
 
     ``ν_{t+1} = ν_t ⊙ exp(γ g_{t−1} ⊙ g_t)``, ``θ_{t+1} = θ_t − lr · ν_{t+1} ⊙ g_t``,
     ``ν_0 = 1``, ``g_{−1} = 0`` (the first step is plain SGD), hence
     ``ν_{t+1} = exp(γ Σ_{k=1}^{t} g_{k−1} ⊙ g_k)``: gradients that keep their sign
-    raise a rate, alternating ones lower it. ``granularity="tensor"`` keeps one ν per
-    tensor and ``"global"`` one per param group, each updated with
-    ``exp(γ ⟨g_{t−1}, g_t⟩)`` summed over its coordinates (the exact derivative of the
-    loss with respect to that shared rate). ``nu_min`` / ``nu_max`` clip ν (off by
-    default). The rule is derived for plain SGD; see the ``eg`` experiment for it on
-    top of Adam.
+    raise a rate, alternating ones lower it (Su, kexue.fm/archives/8968; Amid et al.,
+    *Step-size Adaptation Using Exponentiated Gradient Updates*, arXiv:2202.00145).
+    The rule is derived for plain SGD; see the ``eg`` experiment for it on top of Adam.
 
     Learned rates: :meth:`nu_stats` (min / geometric mean / mean / max over all
-    coordinates, weighted by size) and :meth:`nus`; with ``record_every=N`` every
-    N-th step appends ``(step, nu_stats())`` to ``nu_history`` (a plain list, not
-    part of ``state_dict``).
+    coordinates, weighted by size) and :meth:`nus`.
+
+    Args:
+        params: parameters or param groups (keys ``lr, gamma, granularity, nu_min, nu_max``).
+        lr: base step size η ≥ 0 (required).
+        gamma: meta step size γ ≥ 0 of the rate update (required).
+        granularity: ``"coordinate"`` (default; one ν per entry), ``"tensor"`` (one ν
+            per tensor) or ``"global"`` (one ν per param group); the shared ones are
+            updated with ``exp(γ ⟨g_{t−1}, g_t⟩)`` summed over their coordinates — the
+            exact derivative of the loss with respect to that shared rate.
+        nu_min, nu_max: optional bounds ν is clipped to (> 0; default off).
+        record_every: every N-th step appends ``(step, nu_stats())`` to
+            ``nu_history`` (a plain list, not part of ``state_dict``); 0 = off.
+        nonfinite: ``"raise"`` (default) or ``"skip"``: what a NaN/Inf gradient does.
     """
 
+    _extra_keys = frozenset({"nu", "step"})
+
     def __init__(self, params: Iterable[Any], lr: float, gamma: float, granularity: str = "coordinate",
-                 nu_min: float | None = None, nu_max: float | None = None, record_every: int = 0) -> None:
+                 nu_min: float | None = None, nu_max: float | None = None, record_every: int = 0, *,
+                 nonfinite: str = "raise") -> None:
         if isinstance(record_every, bool) or not isinstance(record_every, int) or record_every < 0:
             raise ValueError(f"record_every must be an int >= 0 (0 = off), got {record_every!r}")
         self.record_every = record_every
         self.nu_history: list[tuple[int, list[dict[str, float]]]] = []
         super().__init__(params, dict(lr=lr, gamma=gamma, granularity=granularity,
-                                      nu_min=nu_min, nu_max=nu_max))
+                                      nu_min=nu_min, nu_max=nu_max), nonfinite=nonfinite)
 
-    def _validate_group(self, group: dict[str, Any], initial: bool = True) -> None:
-        _check_number("lr", group["lr"])
-        _check_number("gamma", group["gamma"])
-        if group["granularity"] not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {group['granularity']!r}")
+    def _check_group(self, group: dict[str, Any], initial: bool = True) -> None:
+        check_number("lr", group["lr"])
+        check_number("gamma", group["gamma"])
+        check_choice("granularity", group["granularity"], GRANULARITIES)
         lo, hi = group["nu_min"], group["nu_max"]
         if lo is not None:
-            _check_number("nu_min", lo, low_open=True)
+            check_number("nu_min", lo, low_open=True)
         if hi is not None:
-            _check_number("nu_max", hi, low_open=True)
+            check_number("nu_max", hi, low_open=True)
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"nu_min must be <= nu_max, got nu_min={lo}, nu_max={hi}")
         if group["granularity"] == "global":
             group.setdefault("nu", min(max(1.0, lo or 1.0), hi or 1.0))
         group.setdefault("step", 0)
 
+    def _check_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        self._require(state, p, "prev_grad")
+        if group["granularity"] == "coordinate":
+            self._require(state, p, "nu")
+        elif group["granularity"] == "tensor":
+            self._require(state, p, "nu", like=False)
+
     def _init_state(self, group: dict[str, Any], p: Tensor) -> dict[str, Any]:
         st = self.state[p]
-        if not st:
+        if "prev_grad" not in st:
             st["prev_grad"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             nu0 = min(max(1.0, group["nu_min"] or 1.0), group["nu_max"] or 1.0)
             if group["granularity"] == "coordinate":
@@ -337,13 +287,13 @@ class EGStepSize(_Base):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = self._closure(closure)
-        for _, group, items in self._checked():
+        loss = self._evaluate(closure)
+        for group, items in self._gradients():
             if not items:
                 continue
-            states = [self._init_state(group, p) for _, p, _ in items]
-            params = [p for _, p, _ in items]
-            grads = [g for _, _, g in items]
+            params = [p for p, _ in items]
+            grads = [g for _, g in items]
+            states = [self._init_state(group, p) for p in params]
             prev = [st["prev_grad"] for st in states]
             gran = group["granularity"]
             if gran == "global":
@@ -352,7 +302,7 @@ class EGStepSize(_Base):
                 nus = [st["nu"] for st in states]
             new_nus = eg_nu_update(nus, prev, grads, gamma=group["gamma"], granularity=gran,
                                    nu_min=group["nu_min"], nu_max=group["nu_max"])
-            new_params = eg_step_size_step(params, grads, new_nus, lr=group["lr"])
+            new_params = eg_step_size_step(params, grads, new_nus, lr=lr_value(group["lr"]))
             for p, st, g, newp in zip(params, states, grads, new_params):
                 p.copy_(newp)
                 st["prev_grad"].copy_(g)
@@ -427,7 +377,7 @@ def egdd_step(param: Tensor, grad: Tensor, momentum_buf: Tensor, gbar: Tensor, g
     - ``m ← μ m + lr · p ⊙ g``, ``ḡ ← β ḡ + (1 − β) g``, ``θ ← θ − s · m``.
 
     EG updates of the gain and scale (Kivinen & Warmuth 1997) as in Amid, Anil,
-    Fifty, Warmuth 2022; SPEC §2 lists the reference unit-test values it reproduces.
+    Fifty, Warmuth 2022; it reproduces the values of Lingvo's own unit test.
     """
     if use_directions:
         gn = grad / (torch.linalg.vector_norm(grad) + 1e-10)
@@ -446,50 +396,68 @@ def egdd_step(param: Tensor, grad: Tensor, momentum_buf: Tensor, gbar: Tensor, g
     return EGDDState(param - new_scale * new_m, new_m, new_gbar, new_gain, new_scale)
 
 
-class EGDD(_Base):
+class EGDD(SteepestOptimizer):
     """EGDD: momentum SGD with EG-adapted per-coordinate gains and a per-tensor scale.
 
     Port of TF Lingvo ``lingvo/core/egdd.py`` (Amid, Anil, Fifty, Warmuth 2022,
-    "Step-size Adaptation Using Exponentiated Gradient Updates"); the rule is in
+    *Step-size Adaptation Using Exponentiated Gradient Updates*); the rule is in
     :func:`egdd_step`: ``s ← clip(s·exp(η_s cos(g, m)))``, ``p ← clip(p·exp(η_p
     sign(g) sign(ḡ)))``, ``m ← μ m + lr p⊙g``, ``ḡ ← β ḡ + (1−β) g``, ``θ ← θ − s m``.
     Note the effective step of momentum SGD is ``lr/(1 − μ)``.
+
+    Args:
+        params: parameters or param groups.
+        lr: base step size ≥ 0 (required).
+        momentum: μ in [0, 1) (required).
+        beta: β of the gradient EMA ḡ, in [0, 1) (default 0.9).
+        gain_lr: η_p ≥ 0, meta step of the per-coordinate gains (default 0.01).
+        scale_lr: η_s ≥ 0, meta step of the per-tensor scale (default 0.001).
+        use_signs: gains follow sign(g)·sign(ḡ) (default True) rather than g⊙ḡ.
+        use_directions: the scale follows cos(g, m) (default True) rather than ⟨g, m⟩.
+        min_gain, max_gain: gain bounds, min_gain ≤ 1 ≤ max_gain (default 0.01, 100).
+        min_scale, max_scale: scale bounds, min_scale ≤ 1 ≤ max_scale (default 0.1, 10).
+        nonfinite: ``"raise"`` (default) or ``"skip"``: what a NaN/Inf gradient does.
     """
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float, beta: float = 0.9,
                  gain_lr: float = 0.01, scale_lr: float = 0.001, use_signs: bool = True,
                  use_directions: bool = True, min_gain: float = 0.01, max_gain: float = 100.0,
-                 min_scale: float = 0.1, max_scale: float = 10.0) -> None:
+                 min_scale: float = 0.1, max_scale: float = 10.0, *, nonfinite: str = "raise") -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, beta=beta, gain_lr=gain_lr,
                                       scale_lr=scale_lr, use_signs=use_signs, use_directions=use_directions,
                                       min_gain=min_gain, max_gain=max_gain, min_scale=min_scale,
-                                      max_scale=max_scale))
+                                      max_scale=max_scale), nonfinite=nonfinite)
 
     _HYPER = ("lr", "momentum", "beta", "gain_lr", "scale_lr", "use_signs", "use_directions",
               "min_gain", "max_gain", "min_scale", "max_scale")
 
-    def _validate_group(self, group: dict[str, Any], initial: bool = True) -> None:
-        _check_number("lr", group["lr"])
-        _check_number("momentum", group["momentum"], high=1.0, high_open=True)
-        _check_number("beta", group["beta"], high=1.0, high_open=True)
-        _check_number("gain_lr", group["gain_lr"])
-        _check_number("scale_lr", group["scale_lr"])
-        _check_flag("use_signs", group["use_signs"])
-        _check_flag("use_directions", group["use_directions"])
+    def _check_group(self, group: dict[str, Any], initial: bool = True) -> None:
+        check_number("lr", group["lr"])
+        check_number("momentum", group["momentum"], high=1.0, high_open=True)
+        check_number("beta", group["beta"], high=1.0, high_open=True)
+        check_number("gain_lr", group["gain_lr"])
+        check_number("scale_lr", group["scale_lr"])
+        check_flag("use_signs", group["use_signs"])
+        check_flag("use_directions", group["use_directions"])
         for lo, hi in (("min_gain", "max_gain"), ("min_scale", "max_scale")):
-            a = _check_number(lo, group[lo], low_open=True)
-            b = _check_number(hi, group[hi], low_open=True)
+            a = check_number(lo, group[lo], low_open=True)
+            b = check_number(hi, group[hi], low_open=True)
             if a > 1.0 or b < 1.0:
                 raise ValueError(f"need {lo} <= 1 <= {hi} (the slot starts at 1), got {lo}={a}, {hi}={b}")
 
+    def _check_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        self._require(state, p, "momentum_buffer", "gbar", "gain")
+        self._require(state, p, "step", "scale", like=False)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = self._closure(closure)
-        for _, group, items in self._checked():
+        loss = self._evaluate(closure)
+        for group, items in self._gradients():
             hyper = {k: group[k] for k in self._HYPER}
-            for _, p, g in items:
+            hyper["lr"] = lr_value(hyper["lr"])
+            for p, g in items:
                 st = self.state[p]
-                if not st:
+                if "momentum_buffer" not in st:
                     st["step"] = 0
                     st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["gbar"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -521,40 +489,49 @@ def sgd_hd_step(params: Sequence[Tensor], grads: Sequence[Tensor], prev_grads: S
     return [p - new_lr * g for p, g in zip(params, grads, strict=True)], new_lr
 
 
-class HypergradientSGD(_Base):
+class HypergradientSGD(SteepestOptimizer):
     """SGD-HD (Baydin et al. 2018): ``α ← α + β ⟨g_t, g_{t−1}⟩``, ``θ ← θ − α g_t``.
 
     One learning rate per param group, kept live in ``group["lr"]`` (so
-    ``state_dict`` carries it); ``hypergrad_lr`` is β. The additive cousin of
+    ``state_dict`` carries it). The additive cousin of
     ``EGStepSize(granularity="global")``, which multiplies by ``exp(γ⟨g_{t−1}, g_t⟩)``.
+
+    Args:
+        params: parameters or param groups (keys ``lr, hypergrad_lr``).
+        lr: initial rate α ≥ 0 (the adapted one may cross 0, as in the paper).
+        hypergrad_lr: β ≥ 0, the step of the rate update.
+        nonfinite: ``"raise"`` (default) or ``"skip"``: what a NaN/Inf gradient does.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float, hypergrad_lr: float) -> None:
-        super().__init__(params, dict(lr=lr, hypergrad_lr=hypergrad_lr))
+    def __init__(self, params: Iterable[Any], lr: float, hypergrad_lr: float, *, nonfinite: str = "raise") -> None:
+        super().__init__(params, dict(lr=lr, hypergrad_lr=hypergrad_lr), nonfinite=nonfinite)
 
-    def _validate_group(self, group: dict[str, Any], initial: bool = True) -> None:
-        _check_number("hypergrad_lr", group["hypergrad_lr"])
+    def _check_group(self, group: dict[str, Any], initial: bool = True) -> None:
+        check_number("hypergrad_lr", group["hypergrad_lr"])
         # the initial rate must be >= 0; the adapted one may cross 0 (as in the paper)
-        _check_number("lr", group["lr"], low=0.0 if initial else None)
+        check_number("lr", group["lr"], low=0.0 if initial else None)
+
+    def _check_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        self._require(state, p, "prev_grad")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = self._closure(closure)
-        for _, group, items in self._checked():
+        loss = self._evaluate(closure)
+        for group, items in self._gradients():
             if not items:
                 continue
-            params = [p for _, p, _ in items]
-            grads = [g for _, _, g in items]
-            states = self.state
+            params = [p for p, _ in items]
+            grads = [g for _, g in items]
             prev = []
             for p in params:
-                if "prev_grad" not in states[p]:
-                    states[p]["prev_grad"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                prev.append(states[p]["prev_grad"])
-            new_params, new_lr = sgd_hd_step(params, grads, prev, lr=group["lr"],
+                st = self.state[p]
+                if "prev_grad" not in st:
+                    st["prev_grad"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                prev.append(st["prev_grad"])
+            new_params, new_lr = sgd_hd_step(params, grads, prev, lr=lr_value(group["lr"]),
                                              hypergrad_lr=group["hypergrad_lr"])
             for p, g, newp in zip(params, grads, new_params):
                 p.copy_(newp)
-                states[p]["prev_grad"].copy_(g)
+                self.state[p]["prev_grad"].copy_(g)
             group["lr"] = new_lr
         return loss

@@ -1,4 +1,4 @@
-"""SignSGD: steepest descent under the ∞-norm (SPEC.md §2).
+"""SignSGD: steepest descent under the ∞-norm.
 
 For the norm ``‖ΔW‖_∞ = max |ΔW_ij|`` the steepest direction of a gradient G is
 ``argmax_{‖D‖_∞ ≤ 1} ⟨G, D⟩ = sign(G)``, so ``ΔW = −η·sign(G)``. With momentum this
@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._common import SkippingOptimizer, check_grad, check_nonfinite, check_number, check_policy
+from .._validate import check_number
+from ._base import SteepestOptimizer, lr_value
 
 __all__ = ["SignSGD", "sign_step"]
 
@@ -51,19 +52,22 @@ def sign_step(
     torch._foreach_add_(params, direction, alpha=-lr)
 
 
-class SignSGD(SkippingOptimizer):
-    """SignSGD / Signum: ``ΔW = −lr·sign(m)``, the ∞-norm steepest descent (SPEC.md §2).
+class SignSGD(SteepestOptimizer):
+    """SignSGD / Signum: ``ΔW = −lr·sign(m)``, the ∞-norm steepest descent.
 
     ``m = g`` when ``momentum=0``, else the EMA ``m ← μm + (1−μ)g`` (Signum,
-    Bernstein et al. 2018); ``weight_decay`` is decoupled: ``W ← W(1 − lr·λ)``.
-    Each coordinate moves by exactly ``lr`` (or 0 where m is 0), so ``lr`` is the
-    per-step ∞-norm of the update — much smaller values than SGD's are typical
-    (1e-4 … 1e-2).
+    Bernstein et al. 2018, *signSGD: Compressed Optimisation for Non-Convex
+    Problems*); ``weight_decay`` is decoupled: ``W ← W(1 − lr·λ)``. Each coordinate
+    moves by exactly ``lr`` (or 0 where m is 0), so ``lr`` is the per-step ∞-norm of
+    the update — much smaller values than SGD's are typical (1e-4 … 1e-2).
 
-    Non-finite gradients: as :class:`steepest.optim.Muon` — with
-    ``nonfinite="skip"`` (default) the parameter's step is skipped, its state kept,
-    the skip counted in ``state[p]["nonfinite_skips"]`` and a
-    ``NonFiniteGradientWarning`` issued; ``"raise"`` raises before any change.
+    Args:
+        params: parameters or param groups (keys ``lr, momentum, weight_decay``).
+        lr: step size η ≥ 0 (required).
+        momentum: μ in [0, 1) (default 0: plain SignSGD).
+        weight_decay: decoupled decay λ ≥ 0 (default 0).
+        nonfinite: ``"skip"`` (default) or ``"raise"``: what a NaN/Inf gradient does
+            (:class:`steepest.optim.SteepestOptimizer`).
     """
 
     def __init__(
@@ -75,46 +79,32 @@ class SignSGD(SkippingOptimizer):
         *,
         nonfinite: str = "skip",
     ) -> None:
-        self._nonfinite = check_policy(nonfinite)
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
         _check(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        unknown = set(param_group) - {"params", "lr", "momentum", "weight_decay", "initial_lr", "param_names"}
-        if unknown:
-            raise ValueError(f"unknown key(s) {sorted(unknown)} in a SignSGD group; allowed: lr, momentum, weight_decay")
-        _check({**self.defaults, **param_group})
-        super().add_param_group(param_group)
+    def _check_group(self, group: dict[str, Any], initial: bool = True) -> None:
+        _check(group)
+
+    def _check_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        self._require(state, p, "momentum_buffer")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One step; ``closure`` re-evaluates the model and returns the loss."""
         loss = self._evaluate(closure)
-        entries = [(group, p, check_grad("SignSGD", p)) for group in self.param_groups
-                   for p in group["params"] if p.grad is not None]
-        if not entries:
-            return loss
-        ok = check_nonfinite("steepest.optim.SignSGD", [e[1] for e in entries], [e[2] for e in entries],
-                             self._nonfinite)
-        for group in self.param_groups:
-            ps, gs, bufs = [], [], []
+        for group, items in self._gradients():
+            if not items:
+                continue
             mom = float(group["momentum"])
-            for (grp, p, g), good in zip(entries, ok):
-                if grp is not group:
-                    continue
-                st = self.state[p]
-                if not good:
-                    st["nonfinite_skips"] = int(st.get("nonfinite_skips", 0)) + 1
-                    continue
-                ps.append(p)
-                gs.append(g)
-                if mom:
+            bufs = []
+            if mom:
+                for p, _ in items:
+                    st = self.state[p]
                     if "momentum_buffer" not in st:
                         st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     bufs.append(st["momentum_buffer"])
-            lr = group["lr"]
-            sign_step(ps, gs, bufs if mom else None, lr=float(lr.item() if isinstance(lr, Tensor) else lr),
+            sign_step([p for p, _ in items], [g for _, g in items], bufs if mom else None, lr=lr_value(group["lr"]),
                       momentum=mom, weight_decay=float(group["weight_decay"]))
         return loss
 
