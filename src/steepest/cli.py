@@ -3,110 +3,40 @@
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import platform
+import importlib.util
 import sys
-import time
-import traceback
 from collections.abc import Sequence
-from pathlib import Path
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
-from .report import Context, Section, select, thread_limit, write_json
+
+#: import name -> distribution of what ``reproduce`` and ``bench`` need beyond torch and numpy
+#: (the ``reproduce`` extra in pyproject.toml)
+EXTRA = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "scipy": "scipy", "rich": "rich",
+         "threadpoolctl": "threadpoolctl"}
+INSTALL_EXTRA = "pip install 'steepest[reproduce]'"
 
 
-def _environment() -> dict[str, str]:
-    import torch
-
-    return {
-        "steepest": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "threads": str(torch.get_num_threads()),
-    }
-
-
-def _run_entries(kind: str, registry: dict[str, str], args: argparse.Namespace, options: dict) -> int:
-    console = Console(stderr=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    entries = select(registry, args.only)
-    sections: list[Section] = []
-    failed = []
-    mode = getattr(args, "mode", "quick")
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    )
-    echo = console.print if args.verbose else None
-    with progress:
-        top = progress.add_task(f"steepest {kind} ({mode})", total=len(entries))
-        for entry in entries:
-            title = entry.title()
-            sec = Section(entry.name, title)
-            ctx = Context(sec, out, mode=mode, seed=args.seed, options=options, progress=progress, echo=echo)
-            progress.update(top, description=f"steepest {kind}: {entry.name}")
-            t0 = time.perf_counter()
-            try:
-                with thread_limit(entry.threads()):
-                    entry.load()(ctx)
-            except Exception:  # a failed section is reported, the others still run
-                sec.error = traceback.format_exc()
-                failed.append(entry.name)
-                console.print(f"[red]{entry.name} failed[/red]\n{sec.error}")
-            sec.seconds = time.perf_counter() - t0
-            sections.append(sec)
-            if not console.is_terminal:  # logs get a line per section; a terminal has the live bar
-                console.print(f"{entry.name}: {'failed' if sec.error else 'done'} in {sec.seconds:.0f} s")
-            progress.advance(top)
-
-    env = _environment()
-    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    name = "report" if kind == "reproduce" else "bench"
-    head = [
-        f"# steepest {kind}",
-        f"Mode `{mode}`, seed {args.seed}, {stamp}. " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".",
-        "\n".join(f"- [{s.title}](#{_anchor(s.title)}) — {s.seconds:.1f} s" + (" (failed)" if s.error else "") for s in sections),
-    ]
-    (out / f"{name}.md").write_text("\n\n".join(head + [s.markdown() for s in sections]) + "\n")
-    write_json(
-        out / ("results.json" if kind == "reproduce" else "bench.json"),
-        {
-            "mode": mode,
-            "seed": args.seed,
-            "environment": env,
-            "sections": {
-                s.name: {"title": s.title, "seconds": s.seconds, "error": s.error, "figures": s.figures, **s.results}
-                for s in sections
-            },
-        },
-    )
-    total = sum(s.seconds for s in sections)
-    console.print(f"wrote {out / (name + '.md')} ({len(sections)} sections, {total:.0f} s)")
-    if failed:
-        console.print(f"[red]failed: {', '.join(failed)}[/red]")
-        return 1
-    return 0
+def missing_extra() -> list[str]:
+    """The distributions of :data:`EXTRA` that cannot be imported here."""
+    missing = []
+    for module, dist in EXTRA.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken or half-removed install counts as missing
+            found = False
+        if not found:
+            missing.append(dist)
+    return missing
 
 
-def _anchor(title: str) -> str:
-    keep = "".join(c for c in title.lower() if c.isalnum() or c in " -")
-    return keep.replace(" ", "-")
-
-
-def _parse_shapes(text: str) -> list[tuple[int, ...]]:
+def _parse_shapes(text: str) -> list[tuple[int, int]]:
     try:
-        return [tuple(int(d) for d in item.lower().split("x")) for item in text.split(",") if item]
+        shapes = [tuple(int(d) for d in item.lower().split("x")) for item in text.split(",") if item]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--shapes takes e.g. 512x512,1024x4096; got {text!r}") from None
+        shapes = []
+    if not shapes or any(len(s) != 2 for s in shapes):
+        raise argparse.ArgumentTypeError(f"--shapes takes e.g. 512x512,1024x4096; got {text!r}")
+    return shapes  # type: ignore[return-value]
 
 
 def _positive_int(text: str) -> int:
@@ -163,16 +93,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("experiments:", ", ".join(EXP))
         print("benchmarks: ", ", ".join(BENCH))
         return 0
+    missing = missing_extra()
+    if missing:  # checked before anything imports them: one line, not a traceback
+        print(f"steepest {args.command} needs {', '.join(missing)}: {INSTALL_EXTRA}", file=sys.stderr)
+        return 2
+
+    from .report import Settings, run_sections, select
+
     if args.command == "reproduce":
         from .experiments import REGISTRY
 
-        return _run_entries("reproduce", REGISTRY, args, {"jobs": args.jobs})
-    from .benchmarks import REGISTRY
+        settings = Settings(mode=args.mode, seed=args.seed, jobs=args.jobs)
+    else:
+        from .benchmarks import REGISTRY
 
-    options = {"repeat": args.repeat, "warmup": args.warmup}
-    if args.shapes:
-        options["shapes"] = args.shapes
-    return _run_entries("bench", REGISTRY, args, options)
+        settings = Settings(mode=args.mode, seed=args.seed, warmup=args.warmup, repeat=args.repeat, shapes=args.shapes)
+    return run_sections(args.command, select(REGISTRY, args.only), args.out, settings, verbose=args.verbose)
 
 
 if __name__ == "__main__":

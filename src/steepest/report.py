@@ -1,22 +1,29 @@
-"""The reporting context shared by ``steepest reproduce`` and ``steepest bench``.
+"""The reporting harness shared by ``steepest reproduce`` and ``steepest bench``.
 
-An experiment or a benchmark is a module with one entry point ``run(ctx)``; it
-writes markdown paragraphs, tables, figures and JSON-able results through the
-:class:`Context` it is given. The harness turns the collected sections into
-``report.md`` / ``results.json`` (or ``bench.md`` / ``bench.json``).
+An experiment or a benchmark is a module with one entry point ``run(ctx: Context)``
+(and optionally ``TITLE`` and ``THREADS``); it writes markdown paragraphs, tables,
+figures and JSON-able results through the :class:`Context` it is given.
+:func:`run_sections` runs the registered modules one after the other and
+:func:`write_report` turns the collected sections into ``report.md`` /
+``results.json`` (or ``bench.md`` / ``bench.json``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
+import functools
 import importlib
 import json
 import math
+import platform
 import statistics
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import matplotlib
@@ -24,29 +31,16 @@ import torch
 
 matplotlib.use("Agg")
 
+from ._table import markdown_table  # noqa: E402  (re-exported for the experiments)
+
+__all__ = [
+    "MODES", "RESERVED", "Context", "Entry", "Section", "Settings", "markdown_table", "measure", "run_sections",
+    "select", "thread_limit", "write_json", "write_report",
+]
+
 MODES = ("smoke", "quick", "full")
 #: keys the harness writes next to each section's results in results.json / bench.json
 RESERVED = frozenset({"title", "seconds", "error", "figures"})
-
-
-def _fmt(x: Any, floatfmt: str) -> str:
-    if isinstance(x, bool) or x is None:
-        return str(x)
-    if isinstance(x, int):
-        return str(x)
-    if isinstance(x, float):
-        if math.isnan(x):
-            return "–"  # not measured / not applicable
-        return format(x, floatfmt)
-    return str(x)
-
-
-def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], floatfmt: str = ".3g") -> str:
-    """Render ``rows`` as a GitHub-flavoured markdown table."""
-    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "---|" * len(headers)]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(x, floatfmt) for x in row) + " |")
-    return "\n".join(lines)
 
 
 def _jsonable(x: Any) -> Any:
@@ -81,11 +75,30 @@ class Section:
         return "\n\n".join([head, *body])
 
 
+@dataclass(frozen=True)
+class Settings:
+    """What every section of one run shares (the command line's options).
+
+    ``jobs`` is ``steepest reproduce --jobs``; ``warmup``, ``repeat`` and ``shapes``
+    are ``steepest bench``'s options (``shapes=None``: each benchmark's own).
+    """
+
+    mode: str = "quick"
+    seed: int = 0
+    jobs: int = 1
+    warmup: int = 1
+    repeat: int = 5
+    shapes: list[tuple[int, int]] | None = None
+
+
 class Context:
-    """What an experiment or benchmark sees: its mode, output folder and writers.
+    """What an experiment or benchmark sees: its mode, output folder, options and writers.
 
     ``mode`` is ``"smoke"`` (tiny sizes, used by the tests), ``"quick"`` (the
-    default of ``steepest reproduce``) or ``"full"``.
+    default of ``steepest reproduce``) or ``"full"``. ``jobs`` is how many worker
+    processes :meth:`map` may use; ``warmup`` and ``repeat`` are :meth:`timeit`'s
+    defaults; ``shapes`` are matrix shapes asked for on the command line (None:
+    the benchmark picks its own).
     """
 
     def __init__(
@@ -94,19 +107,34 @@ class Context:
         out: Path,
         mode: str = "quick",
         seed: int = 0,
-        options: dict[str, Any] | None = None,
+        *,
+        jobs: int = 1,
+        warmup: int = 1,
+        repeat: int = 5,
+        shapes: list[tuple[int, int]] | None = None,
         progress: Any = None,
         echo: Callable[[str], None] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {jobs}")
         self.section = section
         self.out = Path(out)
         self.mode = mode
         self.seed = seed
-        self.options = dict(options or {})
+        self.jobs: int = int(jobs)
+        self.warmup: int = int(warmup)
+        self.repeat: int = int(repeat)
+        self.shapes: list[tuple[int, int]] | None = list(shapes) if shapes else None
         self._progress = progress
         self._echo = echo
+
+    @classmethod
+    def of(cls, section: Section, out: Path, settings: Settings, **kwargs: Any) -> Context:
+        """A context for ``section`` with the run's ``settings`` (``kwargs``: progress, echo)."""
+        return cls(section, out, settings.mode, settings.seed, jobs=settings.jobs, warmup=settings.warmup,
+                   repeat=settings.repeat, shapes=settings.shapes, **kwargs)
 
     # -- sizes ---------------------------------------------------------------
     @property
@@ -132,11 +160,6 @@ class Context:
                 self._progress.advance(task)
         finally:
             self._progress.remove_task(task)
-
-    @property
-    def jobs(self) -> int:
-        """Worker processes :meth:`map` may use (``steepest reproduce --jobs``; 1 = in this process)."""
-        return max(1, int(self.options.get("jobs", 1)))
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], description: str) -> Iterator[tuple[Any, Any]]:
         """Yield ``(item, fn(item))`` for every item, in completion order, with a progress bar.
@@ -215,11 +238,11 @@ class Context:
         self.section.results[key] = _jsonable(value)
 
     # -- timing ----------------------------------------------------------------
-    def timeit(self, fn: Callable[[], Any], *, warmup: int | None = None, repeat: int | None = None) -> dict[str, float]:
-        """Median (and spread) of ``repeat`` wall-clock runs of ``fn`` after ``warmup`` runs."""
-        warmup = int(self.options.get("warmup", 1) if warmup is None else warmup)
-        repeat = int(self.options.get("repeat", 5) if repeat is None else repeat)
-        return measure(fn, warmup=warmup, repeat=repeat)
+    def timeit(self, fn: Callable[[], Any], *, warmup: int | None = None,
+               repeat: int | None = None) -> dict[str, float]:
+        """Median (and spread) of ``repeat`` wall-clock runs of ``fn`` after ``warmup`` runs (default: the run's)."""
+        return measure(fn, warmup=self.warmup if warmup is None else warmup,
+                       repeat=self.repeat if repeat is None else repeat)
 
 
 def measure(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 5) -> dict[str, float]:
@@ -238,22 +261,29 @@ def measure(fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 5) -> dict[
 
 @dataclass(frozen=True)
 class Entry:
-    """A registered experiment or benchmark: a name and the module holding ``run(ctx)``."""
+    """A registered experiment or benchmark: a name and the module holding ``run(ctx)``.
+
+    The module is imported on first use and kept.
+    """
 
     name: str
     module: str
 
-    def load(self) -> Callable[[Context], Any]:
-        mod = importlib.import_module(self.module)
-        return mod.run
+    @functools.cached_property
+    def loaded(self) -> ModuleType:
+        return importlib.import_module(self.module)
 
+    def run(self, ctx: Context) -> Any:
+        return self.loaded.run(ctx)
+
+    @property
     def title(self) -> str:
-        mod = importlib.import_module(self.module)
-        return getattr(mod, "TITLE", self.name)
+        return getattr(self.loaded, "TITLE", self.name)
 
+    @property
     def threads(self) -> int | None:
         """The module's ``THREADS`` (intra-op threads it runs with), or None for the default."""
-        return getattr(importlib.import_module(self.module), "THREADS", None)
+        return getattr(self.loaded, "THREADS", None)
 
 
 @contextlib.contextmanager
@@ -294,3 +324,101 @@ def select(registry: dict[str, str], only: Sequence[str] | None) -> list[Entry]:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+
+
+# -- running the sections and writing the report ------------------------------
+def _run_one(entry: Entry, ctx: Context) -> None:
+    """Run one entry into ``ctx.section``; a failure (also on import) is recorded there, not raised."""
+    sec = ctx.section
+    t0 = time.perf_counter()
+    try:
+        sec.title = entry.title
+        with thread_limit(entry.threads):
+            entry.run(ctx)
+    except Exception:  # a failed section is reported, the others still run
+        sec.error = traceback.format_exc()
+    sec.seconds = time.perf_counter() - t0
+
+
+def run_sections(kind: str, entries: Sequence[Entry], out: Path, settings: Settings, *, verbose: bool = False) -> int:
+    """Run ``entries`` with a progress display, write the report into ``out``; exit code 1 if any failed, else 0.
+
+    ``kind`` is ``"reproduce"`` (report.md, results.json) or ``"bench"`` (bench.md, bench.json).
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=False)
+    echo = console.print if verbose else None
+    sections: list[Section] = []
+    with progress:
+        top = progress.add_task(f"steepest {kind} ({settings.mode})", total=len(entries))
+        for entry in entries:
+            sec = Section(entry.name, entry.name)
+            progress.update(top, description=f"steepest {kind}: {entry.name}")
+            _run_one(entry, Context.of(sec, out, settings, progress=progress, echo=echo))
+            if sec.error:
+                console.print(f"[red]{entry.name} failed[/red]\n{sec.error}")
+            sections.append(sec)
+            if not console.is_terminal:  # logs get a line per section; a terminal has the live bar
+                console.print(f"{entry.name}: {'failed' if sec.error else 'done'} in {sec.seconds:.0f} s")
+            progress.advance(top)
+
+    md = write_report(kind, out, sections, settings)
+    console.print(f"wrote {md} ({len(sections)} sections, {sum(s.seconds for s in sections):.0f} s)")
+    failed = [s.name for s in sections if s.error]
+    if failed:
+        console.print(f"[red]failed: {', '.join(failed)}[/red]")
+        return 1
+    return 0
+
+
+def environment() -> dict[str, str]:
+    """Versions and thread count the report records."""
+    from . import __version__
+
+    return {
+        "steepest": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": str(torch.get_num_threads()),
+    }
+
+
+def _anchor(title: str) -> str:
+    keep = "".join(c for c in title.lower() if c.isalnum() or c in " -")
+    return keep.replace(" ", "-")
+
+
+def write_report(kind: str, out: Path, sections: Sequence[Section], settings: Settings) -> Path:
+    """Write ``report.md`` + ``results.json`` (``kind="reproduce"``) or ``bench.md`` + ``bench.json``; the .md path."""
+    env = environment()
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    name, data = ("report", "results") if kind == "reproduce" else ("bench", "bench")
+    head = [
+        f"# steepest {kind}",
+        f"Mode `{settings.mode}`, seed {settings.seed}, {stamp}. "
+        + ", ".join(f"{k} {v}" for k, v in env.items()) + ".",
+        "\n".join(f"- [{s.title}](#{_anchor(s.title)}) — {s.seconds:.1f} s" + (" (failed)" if s.error else "")
+                  for s in sections),
+    ]
+    md = Path(out) / f"{name}.md"
+    md.write_text("\n\n".join(head + [s.markdown() for s in sections]) + "\n")
+    write_json(
+        Path(out) / f"{data}.json",
+        {
+            "mode": settings.mode,
+            "seed": settings.seed,
+            "environment": env,
+            "sections": {
+                s.name: {"title": s.title, "seconds": s.seconds, "error": s.error, "figures": s.figures, **s.results}
+                for s in sections
+            },
+        },
+    )
+    return md

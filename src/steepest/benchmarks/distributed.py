@@ -1,15 +1,19 @@
-"""Bench: steepest Muon on 1, 2 and 4 local processes — DDP (local / spread), FSDP2 "gather" and "spread".
+"""Bench: steepest Muon on 1, 2 and 4 local processes under DDP and FSDP2, each with both strategies.
+
+DDP: ``ddp_strategy="local"`` / ``"partition"``; FSDP2: ``shard_strategy="all_gather"`` /
+``"all_to_all"``.
 
 Every configuration runs in its own gloo process group on loopback (one intra-op
-thread per process, ``steepest.distributed.launch``). Per strategy and world size:
+thread per process, ``steepest.testing.launch``). Per strategy and world size:
 the median time of a whole training step (forward, backward, ``opt.step()``) and
 of ``opt.step()`` alone, the slowest rank counting; and the bytes one rank sends
-per step (``steepest.distributed.CommCounter``: every collective seen, ring-model
+per step (``steepest.testing.CommCounter``: every collective seen, ring-model
 bytes), split into the data-parallel traffic (DDP's all-reduce / FSDP2's
 all-gather + reduce-scatter) and the optimizer's own (Muon's orthogonalization
-of sharded matrices or, for DDP "spread", the all-gather of the results each rank
-computed for its share of the matrices; the non-finite check). torch.optim.AdamW under FSDP2 is the
-peer: an elementwise optimizer that needs no communication of its own.
+of sharded matrices or, for DDP "partition", the all-gather of the results each
+rank computed for its share of the matrices; the non-finite check).
+torch.optim.AdamW under FSDP2 is the peer: an elementwise optimizer that needs no
+communication of its own.
 """
 
 from __future__ import annotations
@@ -22,9 +26,13 @@ from torch import nn
 
 from ..report import Context
 
-TITLE = "distributed: Muon under DDP (local vs spread) and FSDP2 (gather vs spread), 1/2/4 processes on one machine"
+TITLE = ("distributed: Muon under DDP (local vs partition) and FSDP2 (all_gather vs all_to_all), 1/2/4 processes on "
+         "one machine")
+# None: the parent keeps its threads; each worker process runs with one (launch's default).
+THREADS: int | None = None
 
-STRATEGIES = ("DDP", "DDP spread", "FSDP2 gather", "FSDP2 spread", "FSDP2 AdamW (peer)")
+# "DDP <ddp_strategy>", "FSDP2 <shard_strategy>" (Muon's option values), and the AdamW peer
+STRATEGIES = ("DDP local", "DDP partition", "FSDP2 all_gather", "FSDP2 all_to_all", "FSDP2 AdamW (peer)")
 
 
 def _model(d: int, blocks: int) -> nn.Module:
@@ -41,8 +49,8 @@ def _worker(rank: int, world: int, d: int, blocks: int, batch: int, warmup: int,
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    from ..distributed import CommCounter
     from ..optim import Muon, muon_param_groups
+    from ..testing import CommCounter
 
     g = torch.Generator().manual_seed(1 + rank)
     x, y = torch.randn(batch, d, generator=g), torch.randn(batch, 16, generator=g)
@@ -51,7 +59,7 @@ def _worker(rank: int, world: int, d: int, blocks: int, batch: int, warmup: int,
         base = _model(d, blocks)
         if strategy.startswith("DDP"):
             model: nn.Module = DistributedDataParallel(base) if world > 1 else base
-            opt = Muon(muon_param_groups(base), lr=0.02, ddp_strategy="spread" if strategy.endswith("spread") else "local")
+            opt = Muon(muon_param_groups(base), lr=0.02, ddp_strategy=strategy.split()[-1])
         else:
             for layer in base:
                 if isinstance(layer, nn.Linear):
@@ -93,12 +101,11 @@ def _worker(rank: int, world: int, d: int, blocks: int, batch: int, warmup: int,
 
 
 def run(ctx: Context) -> None:
-    from ..distributed import launch
+    from ..testing import launch
 
     d, blocks, batch = ctx.pick((32, 1, 16), (192, 2, 64), (512, 6, 128))
     worlds = ctx.pick((2,), (1, 2, 4), (1, 2, 4))
-    warmup = int(ctx.options.get("warmup", 1))
-    repeat = int(ctx.options.get("repeat", 5))
+    warmup, repeat = ctx.warmup, ctx.repeat
     timeout = ctx.pick(60.0, 900.0, 3600.0)
     n_params = sum(p.numel() for p in _model(d, blocks).parameters())
     ctx.text(
@@ -115,35 +122,47 @@ def run(ctx: Context) -> None:
         res[W] = {s: {"step_s": max(r[s]["step_s"] for r in per_rank), "opt_s": max(r[s]["opt_s"] for r in per_rank),
                       "train_bytes": per_rank[0][s]["train_bytes"], "opt_bytes": per_rank[0][s]["opt_bytes"],
                       "opt_collectives": per_rank[0][s]["opt_collectives"]} for s in STRATEGIES}
+    _report(ctx, res)
+    ctx.result("config", {"d": d, "blocks": blocks, "batch": batch, "params": n_params})
+    ctx.result("by_world", {str(W): by for W, by in res.items()})
+    _plot(ctx, res)
+
+
+def _report(ctx: Context, res: dict[int, dict]) -> None:
+    """Per world size and strategy: times and bytes; then the two strategy-vs-strategy ratio tables."""
     rows = []
     for W, by in res.items():
-        ddp = by["DDP"]
+        ddp = by["DDP local"]
         for s in STRATEGIES:
             m = by[s]
             rows.append([W, s, m["step_s"] * 1e3, m["opt_s"] * 1e3, m["step_s"] / ddp["step_s"],
                          m["train_bytes"] / 1e6, m["opt_bytes"] / 1e6,
                          ", ".join(f"{k}×{v}" for k, v in sorted(m["opt_collectives"].items())) or "—"])
-    ctx.table(["W", "strategy", "step ms", "opt.step ms", "step / DDP", "data-parallel MB sent",
+    ctx.table(["W", "strategy", "step ms", "opt.step ms", "step / DDP local", "data-parallel MB sent",
                "optimizer MB sent", "optimizer collectives"], rows,
               caption="Per step and per rank. MB sent: ring-model bytes one rank puts on the wire.")
-    gather_vs_spread = []
+    gather_vs_a2a = []
     for W, by in res.items():
         if W > 1:
-            gth, spr = by["FSDP2 gather"], by["FSDP2 spread"]
-            gather_vs_spread.append([W, gth["opt_s"] / spr["opt_s"], gth["step_s"] / spr["step_s"],
-                                     gth["opt_bytes"] / max(spr["opt_bytes"], 1.0)])
-    if gather_vs_spread:
-        ctx.table(["W", "opt.step gather / spread", "step gather / spread", "optimizer bytes gather / spread"],
-                  gather_vs_spread, caption="FSDP2 Muon: gather relative to spread (> 1: spread is better).")
-    ddp_rows = [[W, by["DDP"]["opt_s"] / by["DDP spread"]["opt_s"], by["DDP"]["step_s"] / by["DDP spread"]["step_s"],
-                 by["DDP spread"]["opt_bytes"] / 1e6] for W, by in res.items() if W > 1]
+            gth, a2a = by["FSDP2 all_gather"], by["FSDP2 all_to_all"]
+            gather_vs_a2a.append([W, gth["opt_s"] / a2a["opt_s"], gth["step_s"] / a2a["step_s"],
+                                  gth["opt_bytes"] / max(a2a["opt_bytes"], 1.0)])
+    if gather_vs_a2a:
+        ctx.table(["W", "opt.step all_gather / all_to_all", "step all_gather / all_to_all",
+                   "optimizer bytes all_gather / all_to_all"], gather_vs_a2a,
+                  caption="FSDP2 Muon: `shard_strategy=\"all_gather\"` relative to `\"all_to_all\"` (the default; "
+                  "> 1: all_to_all is better).")
+    local, part = "DDP local", "DDP partition"
+    ddp_rows = [[W, by[local]["opt_s"] / by[part]["opt_s"], by[local]["step_s"] / by[part]["step_s"],
+                 by[part]["opt_bytes"] / 1e6] for W, by in res.items() if W > 1]
     if ddp_rows:
-        ctx.table(["W", "opt.step local / spread", "step local / spread", "spread: optimizer MB sent"], ddp_rows,
-                  caption="DDP Muon: every rank orthogonalizing every matrix (local, the default) relative to the "
-                  "matrices dealt out and all-gathered (`ddp_strategy=\"spread\"`; > 1: spread is better).")
-    ctx.result("config", {"d": d, "blocks": blocks, "batch": batch, "params": n_params})
-    ctx.result("by_world", {str(W): by for W, by in res.items()})
+        ctx.table(["W", "opt.step local / partition", "step local / partition", "partition: optimizer MB sent"],
+                  ddp_rows, caption="DDP Muon: every rank orthogonalizing every matrix (`ddp_strategy=\"local\"`, the "
+                  "default) relative to the matrices dealt out and all-gathered (`ddp_strategy=\"partition\"`; > 1: "
+                  "partition is better).")
 
+
+def _plot(ctx: Context, res: dict[int, dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))

@@ -1,4 +1,8 @@
-"""Bench: msign, Polar Express and mclip against torch.linalg.svd and torch.optim.Muon's Newton–Schulz."""
+"""Bench: msign, Polar Express and mclip against torch.linalg.svd and torch.optim.Muon's Newton–Schulz.
+
+The peer's Newton–Schulz is torch's own function (``torch.optim._muon``), the one
+torch.optim.Muon calls; steepest is used through its public API only.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from ..linalg import SCHEDULES, mclip, msign
 from ..report import Context
 
 TITLE = "linalg: msign and mclip vs SVD and torch.optim.Muon's Newton–Schulz (float32)"
+# None: the default thread count, as a user runs the library.
+THREADS: int | None = None
 
 
 def _svd_polar(M: torch.Tensor) -> torch.Tensor:
@@ -31,67 +37,53 @@ def _srange(out: torch.Tensor) -> str:
     return f"[{float(s.min()):.3f}, {float(s.max()):.3f}]"
 
 
-def run(ctx: Context) -> None:
+def _measure(ctx: Context, M: torch.Tensor) -> dict[str, float | str]:
+    """Times (median seconds) and errors of the polar factor, five NS steps and clipping for one matrix."""
     from torch.optim._muon import _zeropower_via_newtonschulz as torch_ns
 
-    shapes = ctx.options.get("shapes") or ctx.pick([(64, 64), (64, 256)], [(512, 512), (1024, 1024), (1024, 4096)], None)
-    if shapes is None:
-        shapes = [(512, 512), (1024, 1024), (1024, 4096)]
-    gen = torch.Generator().manual_seed(ctx.seed)
-    muon = SCHEDULES["muon"].coeffs[0]
+    U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+    ref_sign = U @ Vh
+    C = M * (2.0 / float(S.max()) * 2)  # σ_max = 4: about half the spectrum is clipped
+    ref_clip = (U * (S * (4.0 / float(S.max()))).clamp(max=1.0).unsqueeze(-2)) @ Vh
+    m: dict[str, float | str] = {}
+    m["svd_polar_s"] = ctx.timeit(lambda: _svd_polar(M))["median"]
+    m["msign_accurate_s"] = ctx.timeit(lambda: msign(M))["median"]
+    m["err_svd"], m["err_accurate"] = _err(_svd_polar(M), ref_sign), _err(msign(M), ref_sign)
+
+    # bfloat16 matmuls are tens of times slower than float32 on CPUs without bf16 units: one timed call each.
+    t0 = time.perf_counter()
+    peer = torch_ns(M, SCHEDULES["muon"].coeffs[0], 5, 1e-7)
+    m["torch_muon_ns_s"] = time.perf_counter() - t0
+    m["polar_express_s"] = ctx.timeit(lambda: msign(M, schedule="polar_express"))["median"]
+    m["polar_express_bf16_s"] = ctx.timeit(lambda: msign(M, schedule="polar_express", dtype=torch.bfloat16),
+                                           warmup=0, repeat=1)["median"]
+    m["torch_ns_range"], m["pe_range"] = _srange(peer), _srange(msign(M, schedule="polar_express"))
+
+    m["mclip_s"] = ctx.timeit(lambda: mclip(C))["median"]
+    m["mclip_nested_s"] = ctx.timeit(lambda: mclip(C, form="nested"))["median"]
+    m["svd_clip_s"] = ctx.timeit(lambda: _svd_clip(C))["median"]
+    m["err_svd_clip"] = _err(_svd_clip(C), ref_clip)
+    m["err_mclip"] = _err(mclip(C), ref_clip)
+    m["err_mclip_nested"] = _err(mclip(C, form="nested"), ref_clip)
+    return m
+
+
+def _report(ctx: Context, by_shape: dict[str, dict]) -> None:
     rows_sign, rows_ns, rows_clip, results = [], [], [], {}
-    for shape in ctx.track(shapes, "shapes"):
-        M = torch.randn(*shape, generator=gen)
-        U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
-        ref_sign = U @ Vh
-        C = M * (2.0 / float(S.max()) * 2)  # σ_max = 4: about half the spectrum is clipped
-        ref_clip = (U * (S * (4.0 / float(S.max()))).clamp(max=1.0).unsqueeze(-2)) @ Vh
-
-        t_svd = ctx.timeit(lambda: _svd_polar(M))["median"]
-        t_acc = ctx.timeit(lambda: msign(M))["median"]
-        e_svd, e_acc = _err(_svd_polar(M), ref_sign), _err(msign(M), ref_sign)
-        rows_sign.append([f"{shape[0]}×{shape[1]}", t_svd * 1e3, t_acc * 1e3, t_svd / t_acc, e_svd, e_acc])
-
-        # bfloat16 matmuls are tens of times slower than float32 on CPUs without bf16 units: one timed call each.
-        t0 = time.perf_counter()
-        peer = torch_ns(M, muon, 5, 1e-7)
-        t_peer = time.perf_counter() - t0
-        t_pe = ctx.timeit(lambda: msign(M, schedule="polar_express"))["median"]
-        t_pe16 = ctx.timeit(lambda: msign(M, schedule="polar_express", dtype=torch.bfloat16), warmup=0, repeat=1)["median"]
-        pe = msign(M, schedule="polar_express")
-        rows_ns.append(
-            [f"{shape[0]}×{shape[1]}", t_peer * 1e3, t_pe * 1e3, t_pe / t_peer, t_pe16 / t_peer, _srange(peer), _srange(pe)]
-        )
-
-        t_cacc = ctx.timeit(lambda: mclip(C))["median"]
-        t_cnest = ctx.timeit(lambda: mclip(C, form="nested"))["median"]
-        t_csvd = ctx.timeit(lambda: _svd_clip(C))["median"]
-        rows_clip.append(
-            [
-                f"{shape[0]}×{shape[1]}",
-                t_csvd * 1e3,
-                t_cacc * 1e3,
-                t_cacc / t_acc,
-                t_csvd / t_cacc,
-                t_cnest / t_cacc,
-                _err(_svd_clip(C), ref_clip),
-                _err(mclip(C), ref_clip),
-                _err(mclip(C, form="nested"), ref_clip),
-            ]
-        )
-        results[f"{shape[0]}x{shape[1]}"] = {
-            "svd_polar_s": t_svd,
-            "msign_accurate_s": t_acc,
-            "speedup_vs_svd": t_svd / t_acc,
-            "err_svd": e_svd,
-            "err_accurate": e_acc,
-            "torch_muon_ns_s": t_peer,
-            "polar_express_s": t_pe,
-            "polar_express_bf16_s": t_pe16,
+    for shape, m in by_shape.items():
+        t_svd, t_acc, t_peer, t_pe = m["svd_polar_s"], m["msign_accurate_s"], m["torch_muon_ns_s"], m["polar_express_s"]
+        t_cacc, t_csvd = m["mclip_s"], m["svd_clip_s"]
+        rows_sign.append([shape, t_svd * 1e3, t_acc * 1e3, t_svd / t_acc, m["err_svd"], m["err_accurate"]])
+        rows_ns.append([shape, t_peer * 1e3, t_pe * 1e3, t_pe / t_peer, m["polar_express_bf16_s"] / t_peer,
+                        m["torch_ns_range"], m["pe_range"]])
+        rows_clip.append([shape, t_csvd * 1e3, t_cacc * 1e3, t_cacc / t_acc, t_csvd / t_cacc,
+                          m["mclip_nested_s"] / t_cacc, m["err_svd_clip"], m["err_mclip"], m["err_mclip_nested"]])
+        results[shape.replace("×", "x")] = {
+            "svd_polar_s": t_svd, "msign_accurate_s": t_acc, "speedup_vs_svd": t_svd / t_acc,
+            "err_svd": m["err_svd"], "err_accurate": m["err_accurate"], "torch_muon_ns_s": t_peer,
+            "polar_express_s": t_pe, "polar_express_bf16_s": m["polar_express_bf16_s"],
             "pe_over_torch_ns": t_pe / t_peer,
-            "mclip_s": t_cacc,
-            "mclip_over_msign": t_cacc / t_acc,
-            "mclip_nested_s": t_cnest,
+            "mclip_s": t_cacc, "mclip_over_msign": t_cacc / t_acc, "mclip_nested_s": m["mclip_nested_s"],
             "svd_clip_s": t_csvd,
         }
     ctx.table(
@@ -108,7 +100,18 @@ def run(ctx: Context) -> None:
     ctx.table(
         ["shape", "SVD clip ms", "mclip ms", "mclip / msign", "SVD clip / mclip", "nested / de-nested", "SVD clip error", "mclip error", "nested error"],
         rows_clip,
-        caption="mclip (accurate, de-nested) vs clipping through `torch.linalg.svd` and vs the seed's nested form. "
+        caption="mclip (accurate, de-nested) vs clipping through `torch.linalg.svd` and vs the nested form of the "
+        "note (Su, *mclip via msign*, kexue.fm/archives/11006). "
         "Target: mclip ≤ 2.5× the accurate msign.",
     )
     ctx.result("shapes", results)
+
+
+def run(ctx: Context) -> None:
+    quick = [(512, 512), (1024, 1024), (1024, 4096)]
+    shapes = ctx.shapes or ctx.pick([(64, 64), (64, 256)], quick, quick)
+    gen = torch.Generator().manual_seed(ctx.seed)
+    by_shape = {}
+    for shape in ctx.track(shapes, "shapes"):
+        by_shape[f"{shape[0]}×{shape[1]}"] = _measure(ctx, torch.randn(*shape, generator=gen))
+    _report(ctx, by_shape)

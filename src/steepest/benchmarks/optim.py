@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..optim import Muon, muon_momentum, orthogonalize
-from ..optim.muon import KELLER_JORDAN, matrix_shape
+from ..optim import KELLER_JORDAN, Muon, matrix_shape, muon_momentum, orthogonalize
 from ..report import Context
 
 TITLE = "optim: Muon step time vs torch.optim.Muon and AdamW (GPT-like parameter set)"
+# None: the default thread count, as a user runs the optimizers.
+THREADS: int | None = None
 SLOW = 20.0  # seconds: slower cases are timed by one call
 
 
@@ -36,7 +37,7 @@ def gpt_shapes(blocks: int, d: int) -> list[tuple[int, int]]:
 
 
 @contextmanager
-def torch_ns_in_float32():
+def torch_ns_in_float32() -> Iterator[None]:
     """torch.optim.Muon with its own Newton–Schulz, minus the cast to bfloat16."""
     import torch.optim._muon as tm
 
@@ -69,8 +70,7 @@ def _interleaved(ctx: Context, fns: dict[str, Callable[[], Any]]) -> dict[str, t
     first call is its warm-up; a case whose first call exceeds SLOW seconds is timed by
     that call alone.
     """
-    warmup = int(ctx.options.get("warmup", 1))
-    repeat = int(ctx.options.get("repeat", 5))
+    warmup, repeat = ctx.warmup, ctx.repeat
     out: dict[str, tuple[float, int]] = {}
     for name, fn in ctx.track(list(fns.items()), "warm-up (first call of each case)"):
         t0 = time.perf_counter()
