@@ -1,6 +1,7 @@
 """Matrix functions of singular values: ``msign`` and what is built on it.
 
-Source: seed note 002 ("mclip via msign") and SPEC.md §1. Notation: ``M = U Σ Vᵀ``
+Source: Su, *Computing singular value clipping mclip via msign*, kexue.fm/archives/11006
+(the mclip note), and the Newton–Schulz literature cited per function. Notation: ``M = U Σ Vᵀ``
 (thin SVD, rank r). Every function here is batched over leading dimensions,
 returns the input's dtype and shape, and lets gradients flow.
 
@@ -332,8 +333,8 @@ def _frobenius(X: Tensor) -> Tensor:
     """‖X‖_F over the last two dims, exact for inputs from 1e-30 to 1e30.
 
     Accumulating in float64 keeps float32 sums of squares from overflowing or
-    underflowing, but on CPU it costs 30× the float32 reduction (20 vs 0.7 ms on a
-    6×2048×512 float32 batch, measured). There the float32 norm is used whenever it
+    underflowing, but on CPU it costs tens of times the float32 reduction. There the
+    float32 norm is used whenever it
     is finite and ≥ 1e-10 (squares lost to underflow then weigh < numel·1e-18 of it).
     """
     if X.device.type == "cpu" and X.dtype != torch.float64:
@@ -391,7 +392,7 @@ def msign(
     dtype: torch.dtype | None = None,
     check_finite: bool = True,
 ) -> Tensor:
-    """Matrix sign ``msign(M) = U Vᵀ = M (MᵀM)^{-1/2}`` (seed 002; SPEC.md §1).
+    """Matrix sign ``msign(M) = U Vᵀ = M (MᵀM)^{-1/2}`` (the mclip note, kexue.fm/archives/11006).
 
     Rank-deficient M gives ``U[:, :r] V[:, :r]ᵀ`` (pinv convention, see the module
     docstring); ``msign(0) = 0``. Works on the short side; batched over leading dims.
@@ -401,12 +402,10 @@ def msign(
     - ``"accurate"`` (default): relative Frobenius error ≤ 1e-4 against a float64
       SVD for float32 input, on any input. Algorithm: eigendecomposition of the
       float64 Gram matrix of the short side, ``O = U Σ⁻¹ Uᵀ M`` over σ above the
-      rank threshold, with the exact backward. Chosen on CPU by measurement
-      (``steepest bench --only linalg``, 2 cores): at 1024×4096 float32 it took
-      434 ms against 1110 ms for ``torch.linalg.svd`` (2.6×), and about the same
-      time as the SVD at 512² and 1024², with 100× smaller error; unlike any
-      Newton–Schulz schedule it honours
-      the rank threshold (NS pushes tiny singular values, noise included, towards 1
+      rank threshold, with the exact backward. Faster than ``torch.linalg.svd`` on
+      wide matrices and about 100× more accurate (``steepest bench --only linalg``
+      measures both on the machine at hand); unlike any Newton–Schulz schedule it
+      honours the rank threshold (NS pushes tiny singular values, noise included, towards 1
       and cannot resolve σ below ~1e-3·‖M‖_F in a fixed number of steps). Float64
       input uses a float64 SVD, since its rank threshold (≈1e-13·σ_max) is below
       what a Gram matrix resolves. The same route is used on every device.
@@ -459,7 +458,7 @@ def mclip(
     form: str = "denested",
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Singular value clipping ``U min(Σ, c) Vᵀ = c · mclip(M / c)`` (seed 002; SPEC.md §1).
+    """Singular value clipping ``U min(Σ, c) Vᵀ = c · mclip(M / c)`` (the mclip note, kexue.fm/archives/11006).
 
     With ``O = msign(M)`` (on the tall orientation, ``H = sym(OᵀM) = V Σ Vᵀ``):
 
@@ -467,7 +466,7 @@ def mclip(
       spectral clipping): ``2 mclip(M) = M + O + (O − M) msign(H − I)``. One msign
       of M and one of the small symmetric ``H − I`` (an eigendecomposition in the
       exact schedules), so errors of the inner msign are not amplified.
-    - ``form="nested"`` (the seed's): ``2 mclip(M) = M + O + (I − M Oᵀ) msign(M − O)``,
+    - ``form="nested"`` (the mclip note's): ``2 mclip(M) = M + O + (I − M Oᵀ) msign(M − O)``,
       evaluated as ``X − M (Oᵀ X)`` with ``X = msign(M − O)``; it loses accuracy on
       rank-deficient and wide-spectrum inputs (``steepest reproduce --only mclip``).
 
@@ -512,7 +511,7 @@ def mstep(
 ) -> Tensor:
     """Step function of the singular values ``U step(Σ − t) Vᵀ`` (σ > t → 1, σ < t → 0).
 
-    Seed 002: ``mstep(M) = ½[O + msign(M − O)]``; evaluated in the de-nested form
+    The mclip note: ``mstep(M) = ½[O + msign(M − O)]``; evaluated in the de-nested form
     ``½[O + msign(H − I) O]`` on the wide orientation, ``H = sym(M Oᵀ) = U Σ Uᵀ``,
     applied to ``M / t``. σ exactly at t maps to ½.
     """
@@ -539,7 +538,7 @@ def mpoly(
     steps: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """``U f(Σ) Vᵀ`` for the polynomial ``f(x) = Σ_k coeffs[k] xᵏ`` (seed 002).
+    """``U f(Σ) Vᵀ`` for the polynomial ``f(x) = Σ_k coeffs[k] xᵏ`` (the mclip note).
 
     ``U Σ^{2k+1} Vᵀ = M (MᵀM)ᵏ`` and ``U Σ^{2k} Vᵀ = O (MᵀM)ᵏ``, so
     ``U f(Σ) Vᵀ = M · p_odd(MᵀM) + O · p_even(MᵀM)`` with ``O = msign(M)``; the
@@ -582,7 +581,7 @@ def msquare(
     steps: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """``U Σ² Vᵀ = msign(M) MᵀM`` (seed 002); ``mpoly(M, [0, 0, 1])``."""
+    """``U Σ² Vᵀ = msign(M) MᵀM`` (the mclip note); ``mpoly(M, [0, 0, 1])``."""
     return mpoly(M, [0.0, 0.0, 1.0], schedule=schedule, steps=steps, dtype=dtype)
 
 
@@ -646,7 +645,7 @@ def inv_sqrt(
     eps: float = 0.0,
     tol: float = 1e-6,
 ) -> Tensor:
-    """``A^{-1/2}`` of a symmetric positive definite A (…, n, n) (SPEC.md §1, §5).
+    """``A^{-1/2}`` of a symmetric positive definite A (…, n, n) (used for whitening, the isotropy note, kexue.fm/archives/11549).
 
     - ``method="eigh"``: ``Q Λ^{-1/2} Qᵀ`` in float64, with the Daleckii–Krein
       backward ``L_ij = −1 / (√λ_i √λ_j (√λ_i + √λ_j))``, finite at repeated

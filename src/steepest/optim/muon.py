@@ -384,6 +384,10 @@ class Muon(SteepestOptimizer):
             mats = [p for p in params if _is_matrix(p)]
             rest = [p for p in params if not _is_matrix(p)]
             own = {k: v for k, v in param_group.items() if k not in ("params", "use_muon")}
+            unknown = set(own) - set(_MUON_KEYS) - {"initial_lr", "param_names"}
+            if unknown:  # the group's settings are Muon settings (the rest gets the AdamW defaults)
+                raise ValueError(f"unknown key(s) {sorted(unknown)} in a Muon group; allowed: {sorted(_MUON_KEYS)}")
+            _check_muon({**self.defaults, **own})
             if mats or not rest:
                 self.add_param_group({**own, "params": mats, "use_muon": True})
             if rest:
