@@ -429,3 +429,119 @@ def test_learnable_temperature_gradient_and_clamp(cls):
     m2 = cls(0.5, learnable_temperature=True, temperature_range=(0.05, 1.0)).double()
     m2.load_state_dict(m.state_dict())
     assert m2.log_temperature.item() == m.log_temperature.item()
+
+
+# ----------------------------------------------------------------------------- float32 precision at tiny ξ
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref).norm() / ref.norm())
+
+
+def _grad(fn, x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().clone().requires_grad_(True)
+    fn(x).backward()
+    return x.grad
+
+
+def test_info_nce_float32_gradient_one_separated_row():
+    # ξ = 7 e^{-14} ≈ 5.8e-6: logsumexp(s) ≈ 20 rounds to a spacing of 1.9e-6, which swamped ξ
+    row = torch.tensor([[20.0] + [6.0] * 7])
+    t = torch.tensor([0])
+    ref = _grad(lambda x: info_nce(x, t), row.double())
+    ours = _grad(lambda x: info_nce(x, t), row)
+    ce = _grad(lambda x: F.cross_entropy(x, t), row)
+    assert ref[0, 0].item() == pytest.approx(-7 * math.exp(-14) / (1 + 7 * math.exp(-14)), rel=1e-12)
+    assert _rel(ours, ref) < 1e-6
+    assert _rel(ours, ref) <= _rel(ce, ref)
+
+
+def test_info_nce_float32_gradient_aligned_pairs_matches_float64():
+    # aligned embeddings, N = 256, τ = 0.05: most anchors have ξ ≈ 1e-6
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(256, 512, generator=g)
+    logits, target = pair_logits(z, z.clone(), 0.05)
+    ref = _grad(lambda x: info_nce(x, target), logits.double())
+    ours = _grad(lambda x: info_nce(x, target), logits)
+    ce = _grad(lambda x: F.cross_entropy(x, target), logits)
+    assert _rel(ce, ref) > 1e-2  # the primitive itself loses digits here
+    assert _rel(ours, ref) < 1e-5
+
+
+def _rows_with_xi(log10_xi: float, K: int, offset: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows with s_t = offset and negatives s_t + log(ξ w_i), Σ w_i = 1: ξ exactly 10^log10_xi (in float64)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(3, K - 1, generator=g, dtype=torch.float64) + 0.1
+    w = w / w.sum(1, keepdim=True)
+    neg = offset + log10_xi * math.log(10.0) + w.log()
+    logits = torch.cat([torch.full((3, 1), offset, dtype=torch.float64), neg], 1)
+    return logits, torch.zeros(3, dtype=torch.long)
+
+
+# float32: a few roundings of the logits' spacing; half inputs: the gradient is rounded to the
+# input's dtype (unit roundoff 2^-8 in bfloat16, 2^-11 in float16)
+_GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    log10_xi=st.floats(-12.0, 1.0),
+    K=st.integers(2, 9),
+    offset=st.floats(-30.0, 30.0),
+    seed=st.integers(0, 10_000),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    fn=st.sampled_from([info_nce, flat_nce]),
+)
+def test_low_precision_gradient_matches_float64_down_to_tiny_xi(log10_xi, K, offset, seed, dtype, fn):
+    logits, target = _rows_with_xi(log10_xi, K, offset, seed)
+    x = logits.to(dtype)
+    ref = _grad(lambda v: fn(v, target, "sum"), x.double())  # the same rounded scores, in float64
+    ours = _grad(lambda v: fn(v, target, "sum"), x)
+    assert ours.dtype == dtype
+    tiny = torch.finfo(dtype).smallest_normal if dtype != torch.float16 else 2.0**-24
+    err = ((ours.double() - ref).abs() - tiny).clamp_min(0) / ref.abs().clamp_min(tiny)
+    assert err.max().item() <= _GRAD_TOL[dtype]
+    if fn is info_nce:
+        # at least as precise as the torch primitive on the same input (computed in float32)
+        ce = _grad(lambda v: F.cross_entropy(v.float(), target, reduction="sum"), x)
+        assert _rel(ours, ref) <= _rel(ce, ref) + _GRAD_TOL[dtype]
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.05, 0.035, 0.03])  # ξ ≲ 1e-3 … 1e-13
+@pytest.mark.parametrize(
+    "loss",
+    [
+        info_nce_pairs,
+        flat_nce_pairs,
+        lambda a, b, t: InfoNCELoss(t)(a, b),
+        lambda a, b, t: FlatNCELoss(t, value="info_nce")(a, b),
+        lambda a, b, t: InfoNCELoss(t, learnable_temperature=True, temperature_range=(0.01, 1.0))(a, b),
+    ],
+    ids=["info_nce_pairs", "flat_nce_pairs", "InfoNCELoss", "FlatNCELoss", "InfoNCELoss-learnable"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pair_loss_gradients_match_float64_when_aligned(loss, tau, dtype):
+    g = torch.Generator().manual_seed(0)
+    N, D = 8, 64
+    q = torch.linalg.qr(torch.randn(D, N, generator=g, dtype=torch.float64))[0].T  # orthonormal rows
+    z1 = (q + 0.01 * torch.randn(N, D, generator=g, dtype=torch.float64)).to(dtype)
+    z2 = (q + 0.01 * torch.randn(N, D, generator=g, dtype=torch.float64)).to(dtype)
+    grads = []
+    for cd in (dtype, torch.float64):
+        a, b = z1.detach().to(cd).clone().requires_grad_(True), z2.detach().to(cd).clone().requires_grad_(True)
+        loss(a, b, tau).backward()
+        grads.append(torch.cat([a.grad, b.grad]))
+    assert _rel(grads[0], grads[1]) < (1e-5 if dtype == torch.float32 else 2**-8)
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.1, 0.05])
+def test_flat_nce_pairs_float32_is_dcl_in_float64(tau):
+    # the DCL formula written out (Yeh et al. 2022, eq. 6) in float64 on the same float32 embeddings
+    g = torch.Generator().manual_seed(5)
+    z1, z2 = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
+    z2 = z1 + 0.3 * z2
+    a1, a2 = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
+    r1, r2 = z1.double().requires_grad_(True), z2.double().requires_grad_(True)
+    ours, ref = flat_nce_pairs(a1, a2, tau), _dcl_reference(r1, r2, tau)
+    assert abs(ours.item() - ref.item()) <= 2e-6 * max(1.0, abs(ref.item()))
+    ours.backward()
+    ref.backward()
+    assert _rel(torch.cat([a1.grad, a2.grad]), torch.cat([r1.grad, r2.grad])) < 2e-6

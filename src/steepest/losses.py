@@ -36,6 +36,12 @@ offers both without changing the gradient.
 
 Everything is computed in float32 or wider (float16/bfloat16 inputs are upcast,
 autocast is switched off inside) with ``logsumexp``, so ±1e4 logits stay finite.
+InfoNCE is formed from ``log ξ`` as ``softplus(log ξ)`` rather than
+``logsumexp_i s_i − s_t``: the latter rounds the logsumexp (≈ s_t) to the float
+spacing of |s_t| and loses ξ below it, so at tiny loss its float32 gradient had
+O(1) relative error (worse than ``F.cross_entropy``'s); now the float32 gradient
+is within ~1e-5 relative of float64 for every ξ ≥ 1e-12 (tested), and the
+gradient on the positive, ``−ξ/(1 + ξ)``, no longer rounds to zero below 2⁻²⁴.
 """
 
 from __future__ import annotations
@@ -133,10 +139,15 @@ def _positive_mask(logits: Tensor, target: Tensor | None, positive_mask: Tensor 
     return None, mask
 
 
+def _softplus(x: Tensor) -> Tensor:
+    """``log(1 + e^x)`` without ``F.softplus``'s linear cut-off at 20 (a 1e-10 relative error in float64)."""
+    return -F.logsigmoid(-x)
+
+
 def _terms(
     logits: Tensor, target: Tensor | None, positive_mask: Tensor | None, dtype: torch.dtype | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per anchor: ``pos`` = s_t (or logsumexp over positives), ``lse_neg``, ``lse_all`` in the compute dtype."""
+) -> tuple[Tensor, Tensor]:
+    """Per anchor: ``pos`` = s_t (or logsumexp over positives) and ``lse_neg``, in the compute dtype."""
     _check_logits(logits)
     target, mask = _positive_mask(logits, target, positive_mask)
     cd = _compute_dtype(logits, dtype)
@@ -147,8 +158,7 @@ def _terms(
         else:
             pos = torch.logsumexp(x.masked_fill(~mask, -math.inf), dim=1)
         lse_neg = torch.logsumexp(x.masked_fill(mask, -math.inf), dim=1)
-        lse_all = torch.logsumexp(x, dim=1)
-    return pos, lse_neg, lse_all
+    return pos, lse_neg
 
 
 # --------------------------------------------------------------------------- logits API
@@ -182,10 +192,19 @@ def info_nce(
 
     Returns:
         The loss in the compute dtype (per row for ``reduction="none"``).
+
+    Precision: computed as ``softplus(log ξ)`` with ``log ξ = logsumexp_{i≠t} s_i − s_t``,
+    so value and gradient keep the relative precision of ξ: in float32 the
+    gradient is within 1e-5 (relative, elementwise) of the float64 gradient of the
+    same scores for ξ from 1e-12 up, and never less precise than
+    ``F.cross_entropy``'s. ``F.cross_entropy`` itself rounds the positive's
+    gradient ``−ξ/(1 + ξ)`` to zero below ξ ≈ 6e-8.
     """
     _check_reduction(reduction)
-    pos, _, lse_all = _terms(logits, target, positive_mask, dtype)
-    return _reduce(lse_all - pos, reduction)
+    pos, lse_neg = _terms(logits, target, positive_mask, dtype)
+    # log(1 + ξ) from log ξ: ``logsumexp_i s_i − s_t`` rounds the logsumexp to the
+    # spacing of |s| and loses ξ below it; here ∂/∂s_t = −σ(log ξ) keeps ξ's digits
+    return _reduce(_softplus(lse_neg - pos), reduction)
 
 
 def flat_nce(
@@ -216,10 +235,10 @@ def flat_nce(
     _check_reduction(reduction)
     if value not in _VALUES:
         raise ValueError(f"value must be one of {_VALUES}, got {value!r}")
-    pos, lse_neg, lse_all = _terms(logits, target, positive_mask, dtype)
+    pos, lse_neg = _terms(logits, target, positive_mask, dtype)
     log_xi = lse_neg - pos
     if value == "info_nce":
-        out = log_xi + ((lse_all - pos) - log_xi).detach()
+        out = log_xi + (_softplus(log_xi) - log_xi).detach()
     elif value == "xi_over_sg":
         out = torch.exp(log_xi - log_xi.detach())
     else:
@@ -438,7 +457,7 @@ def nce_diagnostics(
         raise ValueError(f"quantiles must lie in [0, 1], got {qs}")
     if not isinstance(resolution_dtype, torch.dtype) or not resolution_dtype.is_floating_point:
         raise TypeError(f"resolution_dtype must be a floating torch.dtype, got {resolution_dtype!r}")
-    pos, lse_neg, _ = _terms(logits.detach(), target, positive_mask, torch.float64)
+    pos, lse_neg = _terms(logits.detach(), target, positive_mask, torch.float64)
     log_xi = lse_neg - pos
     log10_xi = log_xi / math.log(10.0)
     u = torch.finfo(resolution_dtype).eps / 2
@@ -451,7 +470,7 @@ def nce_diagnostics(
         "log10_xi_quantiles": {q: float(v) for q, v in zip(qs, qv.tolist())},
         "share_xi_below": float((log_xi < math.log(xi_threshold)).double().mean()) if n else math.nan,
         "share_below_resolution": float(below_res.double().mean()) if n else math.nan,
-        "info_nce": float(F.softplus(log_xi).mean()) if n else math.nan,
+        "info_nce": float(_softplus(log_xi).mean()) if n else math.nan,
         "log_xi": float(log_xi.mean()) if n else math.nan,
     }
 
