@@ -417,14 +417,20 @@ def test_learnable_temperature_gradient_and_clamp(cls):
     h, lt = 1e-6, math.log(0.2)
     fd = (fn(z1, z2, math.exp(lt + h)) - fn(z1, z2, math.exp(lt - h))).item() / (2 * h)
     assert m.log_temperature.grad.item() == pytest.approx(fd, rel=1e-6)
-    # clamped below: τ = low and no gradient pushes it further
+    # pushed below the range: the forward projects log τ back onto the bound, and the
+    # gradient there is the true one (a clamp inside the graph would make it exactly 0)
     with torch.no_grad():
         m.log_temperature.fill_(math.log(1e-4))
     m.log_temperature.grad = None
     assert float(m.temperature.detach()) == pytest.approx(0.05)
     torch.testing.assert_close(m(z1, z2), fn(z1, z2, 0.05))
+    assert m.log_temperature.item() == pytest.approx(math.log(0.05), rel=1e-15)
+    m.log_temperature.grad = None
     m(z1, z2).backward()
-    assert m.log_temperature.grad.item() == 0.0
+    lt = math.log(0.05)
+    fd = (fn(z1, z2, math.exp(lt + h)) - fn(z1, z2, math.exp(lt - h))).item() / (2 * h)
+    assert m.log_temperature.grad.item() == pytest.approx(fd, rel=1e-6)
+    assert m.log_temperature.grad.item() != 0.0
     # state dict round trip
     m2 = cls(0.5, learnable_temperature=True, temperature_range=(0.05, 1.0)).double()
     m2.load_state_dict(m.state_dict())
@@ -545,3 +551,35 @@ def test_flat_nce_pairs_float32_is_dcl_in_float64(tau):
     ours.backward()
     ref.backward()
     assert _rel(torch.cat([a1.grad, a2.grad]), torch.cat([r1.grad, r2.grad])) < 2e-6
+
+
+@pytest.mark.parametrize("cls", [InfoNCELoss, FlatNCELoss])
+def test_learnable_temperature_pushed_out_of_range_comes_back_under_adam(cls):
+    # random (unaligned) pairs: the loss falls as τ grows; log τ starts below the range, as
+    # Adam's momentum can leave it, and must climb back (a clamp in the graph kept it at 0.01)
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(32, 16, generator=g), torch.randn(32, 16, generator=g)
+    m = cls(0.05, learnable_temperature=True, temperature_range=(0.01, 1.0))
+    with torch.no_grad():
+        m.log_temperature.fill_(math.log(0.01) - 1.0)
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        loss = m(z1, z2)
+        loss.backward()
+        opt.step()
+    tau = float(m.temperature.detach())
+    assert 0.1 < tau <= 1.0
+    fn = info_nce_pairs if cls is InfoNCELoss else flat_nce_pairs
+    torch.testing.assert_close(m(z1, z2), fn(z1, z2, tau))
+    assert m(z1, z2).item() < fn(z1, z2, 0.01).item() - 10
+
+
+def test_temperature_property_keeps_a_gradient_outside_the_range():
+    m = InfoNCELoss(0.1, learnable_temperature=True, temperature_range=(0.05, 0.5)).double()
+    with torch.no_grad():
+        m.log_temperature.fill_(math.log(2.0))
+    t = m.temperature
+    assert t.item() == pytest.approx(0.5)
+    t.backward()
+    assert m.log_temperature.grad.item() == pytest.approx(0.5)  # ∂τ/∂log τ = τ, straight through

@@ -510,11 +510,24 @@ class _PairLoss(nn.Module):
 
     @property
     def temperature(self) -> float | Tensor:
-        """τ; when learnable, ``exp(clamp(log_temperature, log low, log high))`` (a differentiable tensor)."""
+        """τ; when learnable, ``exp(log_temperature)`` clamped to ``temperature_range`` (a differentiable tensor).
+
+        The clamp is straight-through (its gradient is 1 outside the range too):
+        a clamp inside the graph would give log τ an exactly zero gradient once an
+        optimizer carries it past a bound, and it could never come back.
+        """
         if not self.learnable_temperature:
             return self._temperature
         lo, hi = self.temperature_range
-        return self.log_temperature.clamp(math.log(lo), math.log(hi)).exp()
+        lt = self.log_temperature
+        return (lt + (lt.clamp(math.log(lo), math.log(hi)) - lt).detach()).exp()
+
+    def _project_temperature(self) -> None:
+        """Put a learnable log τ back into range in place (CLIP clamps its logit scale after each step)."""
+        if self.learnable_temperature:
+            lo, hi = self.temperature_range
+            with torch.no_grad():
+                self.log_temperature.clamp_(math.log(lo), math.log(hi))
 
     def extra_repr(self) -> str:
         t = float(self.temperature.detach()) if self.learnable_temperature else self._temperature
@@ -530,9 +543,14 @@ class InfoNCELoss(_PairLoss):
     ``z1``, ``z2``: ``(N, D)`` embeddings of two views, row ``i`` of each a
     positive pair, N ≥ 2 (in the global batch when gathering).
 
-    ``learnable_temperature=True`` learns ``log τ`` (an ``nn.Parameter``), used as
-    ``τ = exp(clamp(log τ, log low, log high))`` with ``temperature_range=(low, high)``
-    (CLIP-style clamping: without it τ shrinks without bound once pairs separate).
+    ``learnable_temperature=True`` learns ``log τ`` (an ``nn.Parameter``) kept in
+    ``temperature_range=(low, high)`` (CLIP-style clamping: without it τ shrinks
+    without bound once pairs separate). Each forward first projects the parameter
+    back into ``[log low, log high]`` in place (under ``no_grad``, as CLIP clamps
+    after each step), then uses ``τ = exp(log τ)``: the gradient at a bound is the
+    true one, so a log τ carried out of range (e.g. by Adam's momentum) returns
+    as soon as the loss favours it. (A clamp inside the graph gives an exactly zero
+    gradient out of range; τ then stays at the bound for good.)
 
     Args:
         temperature: τ, the divisor of the cosine similarities; default ``0.1``.
@@ -542,7 +560,7 @@ class InfoNCELoss(_PairLoss):
             the parameter ``log_temperature`` (initialised to ``log temperature``);
             the :attr:`temperature` property then returns a differentiable tensor.
         temperature_range: ``(low, high)``, default ``(0.01, 1.0)``, with
-            ``0 < low <= high < inf``. The clamp applied to a learnable τ; it is
+            ``0 < low <= high < inf``. The range a learnable τ is kept in; it is
             validated but unused when τ is fixed.
         gather_distributed: default ``False``. If ``True`` and a process group
             of world size W > 1 is initialised, the negatives are all W·2N views,
@@ -553,6 +571,7 @@ class InfoNCELoss(_PairLoss):
     """
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        self._project_temperature()
         return info_nce_pairs(
             z1, z2, self.temperature, reduction=self.reduction, gather_distributed=self.gather_distributed
         )
@@ -577,9 +596,10 @@ class FlatNCELoss(_PairLoss):
             :func:`flat_nce`.
         learnable_temperature: keyword, default ``False``. If ``True``, τ is
             learned as the parameter ``log_temperature`` (initialised to
-            ``log temperature``) and used as ``exp(clamp(log τ, log low, log high))``.
+            ``log temperature``), projected into ``temperature_range`` in place at
+            each forward and used as ``exp(log τ)`` (see :class:`InfoNCELoss`).
         temperature_range: keyword, ``(low, high)``, default ``(0.01, 1.0)``, with
-            ``0 < low <= high < inf``. The clamp applied to a learnable τ; it is
+            ``0 < low <= high < inf``. The range a learnable τ is kept in; it is
             validated but unused when τ is fixed.
         gather_distributed: keyword, default ``False``. If ``True`` and a process
             group of world size W > 1 is initialised, the negatives are all W·2N
@@ -596,6 +616,7 @@ class FlatNCELoss(_PairLoss):
         self.value = value
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        self._project_temperature()
         return flat_nce_pairs(
             z1,
             z2,
