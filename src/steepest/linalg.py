@@ -9,19 +9,28 @@ Rank convention (the one of ``numpy.linalg.pinv`` / ``matrix_rank``): singular
 values ``σ ≤ max(m, n) · eps · σ_max`` count as zero, with ``eps`` the machine
 epsilon of the input (float32's for bfloat16/float16 inputs, whose values are
 taken as exact). So ``msign`` of a rank-r matrix is ``U[:, :r] V[:, :r]ᵀ`` and
-``msign(0) = 0``.
+``msign(0) = 0``. Where a function is linear near zero (``mclip`` below its
+bound, ``mpoly`` without a constant term) those directions pass through scaled by
+its slope instead, so clipping leaves small singular values as they are.
+
+Every function is exact in its accurate schedule (one float64 decomposition,
+first and second derivatives exact, batched by ``torch.func.vmap``); the
+Newton–Schulz schedules state their own accuracy contract (:func:`mclip`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
+
+import numpy as np
 
 import torch
 from torch import Tensor
-from ._validate import check_tensor
+from ._validate import check_choice, check_int, check_number, check_tensor
 
 __all__ = [
     "EXACT",
@@ -31,6 +40,7 @@ __all__ = [
     "resolve_schedule",
     "msign",
     "mclip",
+    "mclamp",
     "mstep",
     "msquare",
     "mpoly",
@@ -219,64 +229,167 @@ def _amax(X: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------
-# Exact polar factor by a Gram eigendecomposition (float64), with exact backward
+# Exact functions of singular values by one Gram eigendecomposition (float64)
 # ---------------------------------------------------------------------------
-def _polar_parts(X: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor]:
-    """For wide X (…, m, n), m ≤ n, float64: U, σ and the kept-mask of X Xᵀ = U Σ² Uᵀ."""
-    if X.dtype == torch.float64 and rtol < 1e-10:
-        # Float64 inputs ask for a rank threshold the Gram matrix cannot resolve.
-        U, S, _ = torch.linalg.svd(X, full_matrices=False)
-    else:
-        lam, U = torch.linalg.eigh(X @ X.mT)
-        S = lam.clamp_min(0).sqrt()
-    smax = S.amax(dim=-1, keepdim=True)
-    keep = S > rtol * smax
-    return U, S, keep
+@dataclass(frozen=True)
+class _Spectral:
+    """A function of the singular values: ``f(σ)`` and ``f'(σ)`` on float64 σ > 0, applied as ``U f(Σ) Vᵀ``."""
+
+    f: Callable[[Tensor], Tensor]
+    df: Callable[[Tensor], Tensor]
+    #: below this σ, f(σ) = slope0·σ exactly (or to within O(σ²)): there directions under the rank
+    #: threshold pass through scaled by slope0 instead of being dropped (clipping leaves them as they are)
+    linear_below: Tensor | float = 0.0
+    slope0: float = 0.0
 
 
-class _Polar(torch.autograd.Function):
-    """msign of a wide float64 X with the exact (pinv-convention) derivative.
+def _spectral_parts(X: Tensor, rtol: float, svd: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """For wide float64 X (…, m, n), m ≤ n: U, σ, the kept-mask and (SVD route only) Vᵀ.
 
-    Forward ``O = U Σ⁻¹ Uᵀ X`` over kept σ. Backward, with ``V = Xᵀ U Σ⁻¹``,
-    ``W = UᵀG``, ``Y = W V``, ``Z = (Y − Yᵀ) / (σ_i + σ_j)``:
-    ``∇X = U Σ⁻¹ W + [U (Z − Σ⁻¹ Y) + (I − U_r U_rᵀ) G V Σ⁻¹] Vᵀ``
-    (the skew part of the polar derivative plus the two subspace rotations).
+    Float64 inputs ask for a rank threshold (≈1e-13·σ_max) a Gram matrix cannot
+    resolve, so they take an SVD (as does ``svd=True``); the rest an
+    eigendecomposition of ``X Xᵀ``.
+    Differentiable (torch's own rules) when called with grad enabled: used to
+    rebuild the decomposition for second derivatives.
+    """
+    if svd or (X.dtype == torch.float64 and rtol < 1e-10):
+        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+        keep = S.detach() > rtol * S.detach().amax(dim=-1, keepdim=True)
+        return U, S, keep, Vh
+    lam, U = torch.linalg.eigh(X @ X.mT)
+    lam0 = lam.detach().clamp_min(0)
+    keep = lam0.sqrt() > rtol * lam0.sqrt().amax(dim=-1, keepdim=True)
+    S = torch.where(keep, torch.where(keep, lam, torch.ones_like(lam)).sqrt(), torch.zeros_like(lam))
+    return U, S, keep, None
+
+
+def _safe(S: Tensor, keep: Tensor) -> Tensor:
+    return torch.where(keep, S, torch.ones_like(S))
+
+
+def _dropped_gain(S: Tensor, rtol: float, fn: _Spectral) -> Tensor:
+    """Per matrix (…, 1): the factor on directions below the rank threshold — ``slope0`` where every such σ
+    (≤ rtol·σ_max) lies where f is linear, else 0 (the rank convention)."""
+    smax = S.detach().amax(dim=-1, keepdim=True)
+    lin = torch.as_tensor(fn.linear_below, dtype=S.dtype, device=S.device)
+    return torch.where(rtol * smax <= lin, fn.slope0, 0.0).to(S.dtype)
+
+
+def _spectral_forward(X: Tensor, U: Tensor, S: Tensor, keep: Tensor, Vh: Tensor | None, fn: _Spectral,
+                      hd: Tensor) -> Tensor:
+    if Vh is not None:  # the dropped directions are U_d S_d V_dᵀ: scale them by h_d without any cancellation
+        fS = torch.where(keep, fn.f(_safe(S, keep)), hd * S)
+        return (U * fS.unsqueeze(-2)) @ Vh
+    h = torch.where(keep, fn.f(_safe(S, keep)) / _safe(S, keep), hd)
+    return ((U * h.unsqueeze(-2)) @ U.mT) @ X  # m³ + m²n, cheaper than 2m²n for wide X
+
+
+def _spectral_vjp(X: Tensor, U: Tensor, S: Tensor, keep: Tensor, Vh: Tensor | None, G: Tensor,
+                  fn: _Spectral, hd: Tensor) -> Tensor:
+    """``∇X`` of ``⟨G, U f(Σ) Vᵀ⟩`` over the kept singular triplets (pinv convention).
+
+    With ``Gp = Uᵀ G V``: ``Q = A ∘ sym(Gp) + B ∘ skew(Gp)``, ``A_ij = (f_i − f_j)/(σ_i − σ_j)``
+    (``f'`` where σ_i = σ_j), ``B_ij = (f_i + f_j)/(σ_i + σ_j)``, and
+    ``∇X = U Q Vᵀ + U diag(f/σ) Uᵀ G (I − V Vᵀ) + (I − U Uᵀ) G V diag(f/σ) Vᵀ``
+    (the last two: the complements of the row and column spaces; U, V kept columns),
+    plus ``h_d (I − U Uᵀ) G (I − V Vᵀ)`` where the directions below the rank
+    threshold pass through with gain h_d. Pure tensor algebra, so it is itself
+    differentiable.
+    """
+    kf = keep.to(X.dtype)
+    Ss = _safe(S, keep)
+    inv = kf / Ss
+    V = Vh.mT * kf.unsqueeze(-2) if Vh is not None else X.mT @ (U * inv.unsqueeze(-2))  # (n, m)
+    U = U * kf.unsqueeze(-2)
+    f = torch.where(keep, fn.f(Ss), torch.zeros_like(S))
+    d = torch.where(keep, fn.df(Ss), torch.zeros_like(S))
+    si, sj = S.unsqueeze(-1), S.unsqueeze(-2)
+    fi, fj = f.unsqueeze(-1), f.unsqueeze(-2)
+    ds = si - sj
+    close = ds.abs() <= 1e-12 * (si.abs() + sj.abs()).clamp_min(torch.finfo(X.dtype).tiny)
+    A = torch.where(close, 0.5 * (d.unsqueeze(-1) + d.unsqueeze(-2)), (fi - fj) / torch.where(close, 1.0, ds))
+    ssum = si + sj
+    B = torch.where(ssum > 0, (fi + fj) / torch.where(ssum > 0, ssum, 1.0), torch.zeros_like(ssum))
+    both = keep.unsqueeze(-1) & keep.unsqueeze(-2)
+    GV = G @ V
+    Gp = U.mT @ GV
+    Q = torch.where(both, A * (0.5 * (Gp + Gp.mT)) + B * (0.5 * (Gp - Gp.mT)), torch.zeros_like(Gp))
+    h = f * inv
+    UtG = U.mT @ G
+    rows = (h.unsqueeze(-1) * (UtG - (UtG @ V) @ V.mT))  # diag(f/σ) Uᵀ G (I − V Vᵀ)
+    cols = (GV - U @ (U.mT @ GV)) * h.unsqueeze(-2)  # (I − U Uᵀ) G V diag(f/σ)
+    out = U @ (Q @ V.mT + rows) + cols @ V.mT
+    if fn.slope0 != 0:
+        R = G - U @ UtG
+        out = out + hd.unsqueeze(-1) * (R - (R @ V) @ V.mT)
+    return out
+
+
+class _SpectralFunction(torch.autograd.Function):
+    """``U f(Σ) Vᵀ`` of a wide float64 X, exact, with an exact backward that is itself differentiable.
+
+    First derivatives use the decomposition saved by the forward; when a second
+    derivative is asked for (the backward runs with grad enabled), the
+    decomposition is rebuilt with torch's own differentiable SVD/eigh so the
+    gradient carries its dependence on X (exact for distinct singular values).
+    Free of data-dependent Python control flow, so ``torch.func.vmap``/``jacrev``
+    can batch it (``generate_vmap_rule``).
     """
 
-    @staticmethod
-    def forward(ctx, X: Tensor, rtol: float) -> Tensor:  # type: ignore[override]
-        U, S, keep = _polar_parts(X, rtol)
-        inv = torch.where(keep, 1.0 / torch.where(keep, S, torch.ones_like(S)), torch.zeros_like(S))
-        O = ((U * inv.unsqueeze(-2)) @ U.mT) @ X  # m³ + m²n, cheaper than 2m²n for wide X
-        ctx.save_for_backward(X, U, S, inv, keep)
-        return O
+    generate_vmap_rule = True
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, G: Tensor):  # type: ignore[override]
-        X, U, S, inv, keep = ctx.saved_tensors
-        G = G.to(X.dtype)
-        V = X.mT @ (U * inv.unsqueeze(-2))  # (n, m), zero columns where dropped
-        W = U.mT @ G
-        GV = G @ V
-        Y = U.mT @ GV
-        both = keep.unsqueeze(-1) & keep.unsqueeze(-2)
-        denom = S.unsqueeze(-1) + S.unsqueeze(-2)
-        Z = torch.where(both, (Y - Y.mT) / torch.where(both, denom, torch.ones_like(denom)), torch.zeros_like(Y))
-        kf = keep.to(X.dtype)
-        proj = GV - U @ (kf.unsqueeze(-1) * Y)  # (I − U_r U_rᵀ) G V
-        inner = U @ (Z - inv.unsqueeze(-1) * Y) + proj * inv.unsqueeze(-2)
-        grad = U @ (inv.unsqueeze(-1) * W) + inner @ V.mT
-        return grad, None
+    def forward(X: Tensor, rtol: float, fn: _Spectral, svd: bool):  # type: ignore[override]
+        U, S, keep, Vh = _spectral_parts(X, rtol, svd)
+        out = _spectral_forward(X, U, S, keep, Vh, fn, _dropped_gain(S, rtol, fn))
+        return out, U, S, keep, (Vh if Vh is not None else X.new_empty(0))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        X, rtol, fn, svd = inputs
+        _, U, S, keep, Vh = output
+        ctx.rtol, ctx.fn, ctx.svd = rtol, fn, svd
+        ctx.mark_non_differentiable(U, S, keep, Vh)
+        ctx.save_for_backward(X, U, S, keep, Vh)
+
+    @staticmethod
+    def backward(ctx, G: Tensor, *_):  # type: ignore[override]
+        X, U, S, keep, Vh = ctx.saved_tensors
+        Vh = Vh if Vh.numel() else None
+        if torch.is_grad_enabled():  # create_graph=True: make the decomposition depend on X
+            U, S, keep, Vh = _spectral_parts(X, ctx.rtol, ctx.svd)
+        hd = _dropped_gain(S, ctx.rtol, ctx.fn)
+        return _spectral_vjp(X, U, S, keep, Vh, G.to(X.dtype), ctx.fn, hd), None, None, None
 
 
-def _msign_exact(X: Tensor, rtol: float) -> Tensor:
+def _spectral_apply(X: Tensor, rtol: float, fn: _Spectral, svd: bool) -> Tensor:
+    return _SpectralFunction.apply(X, rtol, fn, svd)[0]
+
+
+def _spectral_exact(M: Tensor, fn: Callable[[Tensor], _Spectral], svd: bool = False) -> Tensor:
+    """``U f(Σ) Vᵀ`` of M (any float dtype and orientation), computed in float64, returned in M's dtype.
+
+    The magnitude ``s = max|M|`` is scaled out so the Gram matrix of inputs near
+    1e±300 cannot overflow: ``fn(s)`` (s of shape (…, 1)) is the function to apply
+    to the singular values of ``M/s``, and the result is multiplied by s.
+    """
+    X, t = _wide(M)
+    X64 = X.to(torch.float64)
+    s = _amax(X64).detach()
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    out = _spectral_apply(X64 / s, _rank_rtol(M.shape, M.dtype), fn(s[..., 0]), svd) * s
+    return _unwide(out, t).to(M.dtype)
+
+
+def _msign_exact(X: Tensor, rtol: float, svd: bool = False) -> Tensor:
     """Exact msign of a wide X (any float dtype), computed and returned in float64."""
     X64 = X.to(torch.float64)
-    # Scale out the magnitude so float32 inputs near 1e±30 cannot overflow the Gram matrix.
-    s = _amax(X64).detach()
+    s = _amax(X64).detach()  # scale out the magnitude: float32 inputs near 1e±30 cannot overflow the Gram matrix
     X64 = X64 / torch.where(s > 0, s, torch.ones_like(s))
-    return _Polar.apply(X64, rtol)
+    return _spectral_apply(X64, rtol, _POLAR, svd)
+
+
+_POLAR = _Spectral(torch.ones_like, torch.zeros_like)
 
 
 # ---------------------------------------------------------------------------
@@ -290,40 +403,38 @@ def _check_positive(lam: Tensor) -> None:
         )
 
 
-class _SymFunc(torch.autograd.Function):
-    """f(A) = Q f(Λ) Qᵀ for symmetric A, float64.
+def _inv_sqrt_parts(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Q, f(Λ) = Λ^{-1/2} and the Daleckii–Krein matrix L_ij = (f_i − f_j)/(λ_i − λ_j) (f' on the diagonal)."""
+    lam, Q = torch.linalg.eigh(A)
+    _check_positive(lam.detach())
+    r = lam.sqrt()
+    # closed form of the divided difference of λ^{-1/2}: finite at repeated eigenvalues (A ≈ I)
+    L = -1.0 / (r.unsqueeze(-1) * r.unsqueeze(-2) * (r.unsqueeze(-1) + r.unsqueeze(-2)))
+    return Q, 1.0 / r, L
 
-    Backward (Daleckii–Krein): ``∇A = Q [(Qᵀ sym(G) Q) ∘ L] Qᵀ`` with
-    ``L_ij = (f(λ_i) − f(λ_j)) / (λ_i − λ_j)`` (``f'`` on the diagonal), given in
-    closed form so repeated eigenvalues (A ≈ I) cannot produce inf/NaN.
+
+class _InvSqrt(torch.autograd.Function):
+    """``A^{-1/2} = Q Λ^{-1/2} Qᵀ`` for symmetric positive definite float64 A.
+
+    Backward (Daleckii–Krein): ``∇A = Q [(Qᵀ sym(G) Q) ∘ L] Qᵀ``; like
+    :class:`_SpectralFunction`, it rebuilds the eigendecomposition with autograd
+    when a second derivative is asked for.
     """
 
     @staticmethod
-    def forward(ctx, A: Tensor, kind: str) -> Tensor:  # type: ignore[override]
-        lam, Q = torch.linalg.eigh(A)
-        if kind == "inv_sqrt":
-            _check_positive(lam)
-            r = lam.sqrt()
-            fl = 1.0 / r
-            L = -1.0 / (r.unsqueeze(-1) * r.unsqueeze(-2) * (r.unsqueeze(-1) + r.unsqueeze(-2)))
-        elif kind == "sign":
-            tol = lam.shape[-1] * torch.finfo(lam.dtype).eps * lam.abs().amax(dim=-1, keepdim=True)
-            fl = torch.where(lam.abs() > tol, lam.sign(), torch.zeros_like(lam))
-            df = fl.unsqueeze(-1) - fl.unsqueeze(-2)
-            dl = lam.unsqueeze(-1) - lam.unsqueeze(-2)
-            L = torch.where(df != 0, df / torch.where(df != 0, dl, torch.ones_like(dl)), torch.zeros_like(dl))
-        else:  # pragma: no cover - internal
-            raise AssertionError(kind)
-        ctx.save_for_backward(Q, L)
+    def forward(ctx, A: Tensor) -> Tensor:  # type: ignore[override]
+        Q, fl, L = _inv_sqrt_parts(A)
+        ctx.save_for_backward(A, Q, L)
         return (Q * fl.unsqueeze(-2)) @ Q.mT
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, G: Tensor):  # type: ignore[override]
-        Q, L = ctx.saved_tensors
+        A, Q, L = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            Q, _, L = _inv_sqrt_parts(A)
         G = G.to(Q.dtype)
         Gs = 0.5 * (G + G.mT)
-        return Q @ ((Q.mT @ Gs @ Q) * L) @ Q.mT, None
+        return Q @ ((Q.mT @ Gs @ Q) * L) @ Q.mT
 
 
 # ---------------------------------------------------------------------------
@@ -344,18 +455,22 @@ def _frobenius(X: Tensor) -> Tensor:
     return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float64)
 
 
-def _newton_schulz(X: Tensor, sched: Schedule, steps: int | None) -> Tensor:
-    """NS on a wide X (…, m, n), m ≤ n, in X's dtype."""
+Rows = list[tuple[float, float, float]]
+
+
+def _newton_schulz(X: Tensor, rows: Rows, safety: float) -> Tensor:
+    """NS on a wide X (…, m, n), m ≤ n, in X's dtype, from ``X/(‖X‖_F·safety)``."""
     shape = X.shape
     X = X.reshape(-1, shape[-2], shape[-1]) if X.ndim != 2 else X
-    norm = _frobenius(X) * sched.safety
+    norm = _frobenius(X) * safety
     X = X / torch.where(norm > 0, norm, torch.ones_like(norm)).to(X.dtype)
     mm = torch.addmm if X.ndim == 2 else torch.baddbmm
-    for a, b, c in sched.rows(steps):
+    for a, b, c in rows:
         A = X @ X.mT
         B = mm(A, A, A, beta=b, alpha=c)
         X = mm(X, B, X, beta=a, alpha=1.0)
     return X.reshape(shape)
+
 
 
 # ---------------------------------------------------------------------------
@@ -372,16 +487,11 @@ def _unwide(X: Tensor, t: bool) -> Tensor:
 
 def _msign_wide(X: Tensor, schedule, steps: int | None, dtype: torch.dtype | None, rtol: float) -> Tensor:
     """msign of a wide X in the working precision the schedule calls for (float64 for exact ones)."""
-    if isinstance(schedule, str) and schedule == "accurate":
-        return _msign_exact(X, rtol)
-    if isinstance(schedule, str) and schedule == "svd":
-        X64 = X.to(torch.float64)
-        U, S, Vh = torch.linalg.svd(X64, full_matrices=False)
-        keep = (S > rtol * S.amax(dim=-1, keepdim=True)).to(X64.dtype)
-        return (U * keep.unsqueeze(-2)) @ Vh
+    if _is_exact(schedule):
+        return _msign_exact(X, rtol, svd=schedule == "svd")
     sched = _resolve_schedule(schedule)
     work = dtype if dtype is not None else _work_dtype(X.dtype)
-    return _newton_schulz(X.to(work), sched, steps)
+    return _newton_schulz(X.to(work), sched.rows(steps), sched.safety)
 
 
 def msign(
@@ -428,25 +538,83 @@ def msign(
 
 
 def _is_exact(schedule) -> bool:
-    return isinstance(schedule, str) and schedule in ("accurate", "svd")
-
-
-def _sym_sign(H: Tensor, schedule, steps, dtype) -> Tensor:
-    """msign of a symmetric matrix: eigh for exact schedules, NS otherwise."""
-    if _is_exact(schedule):
-        return _SymFunc.apply(H.to(torch.float64), "sign")
-    return _msign_wide(H, schedule, steps, dtype, _rank_rtol(H.shape, H.dtype))
+    return isinstance(schedule, str) and schedule in EXACT
 
 
 def _eye_like(H: Tensor) -> Tensor:
     return torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
 
 
-def _work(M: Tensor, schedule, dtype: torch.dtype | None) -> torch.dtype:
-    # Exact schedules combine terms in float64 so that σ ≫ 1 cannot cancel catastrophically.
-    if _is_exact(schedule):
-        return torch.float64
-    return dtype if dtype is not None else _work_dtype(M.dtype)
+#: Relative accuracy the Newton–Schulz routes of mclip, mclamp, mstep and mpoly aim
+#: for, by working precision; the number of steps is chosen to reach it (below).
+NS_TOL = {torch.float64: 1e-4, torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+_MAX_STEPS = 100
+
+
+def _contract_rows(sched: Schedule, lower: float, tol: float) -> Rows:
+    """The schedule's rows, then the convergent quintic, until every σ in [lower, 1] maps within 1 ± tol.
+
+    Decided on the scalar map ``x ← a x + b x³ + c x⁵`` over a log grid of the
+    normalized singular values the result depends on (the NS iterate acts on each
+    singular value by that map): the number of steps follows from the spectrum
+    that matters instead of a fixed count that fails on wide spectra.
+    """
+    lower = min(max(float(lower), 1e-300), 1.0)
+    x = np.concatenate([np.geomspace(lower, 1.0, 256), [lower, 1.0]])
+    rows: Rows = []
+    while len(rows) < _MAX_STEPS:
+        if np.all(np.abs(x - 1.0) <= tol):
+            return rows
+        row = sched.coeffs[len(rows)] if len(rows) < len(sched.coeffs) else _QUINTIC
+        a, b, c = row
+        x2 = x * x
+        x = x * (a + x2 * (b + c * x2))
+        rows.append(row)
+    warnings.warn(f"Newton–Schulz ({sched.name}) cannot reach relative accuracy {tol:g} for singular values down "
+                  f"to {lower:.3g}·‖M‖_F within {_MAX_STEPS} steps; use schedule='accurate' for an exact result",
+                  RuntimeWarning, stacklevel=4)
+    return rows
+
+
+def _ns_rows(sched: Schedule, steps: int | None, lower: Tensor | float, tol: float) -> Rows:
+    """Rows for a contract-bound NS: the user's ``steps`` as given, else enough for ``lower`` (a batch's worst)."""
+    if steps is not None:
+        return sched.rows(steps)
+    low = float(lower.min()) if isinstance(lower, Tensor) else float(lower)
+    return _contract_rows(sched, low, tol)
+
+
+def _ns_sign(X: Tensor, sched: Schedule, steps: int | None, lower: Tensor | float, tol: float) -> Tensor:
+    """``msign`` of a wide X by NS, accurate (within tol) for normalized singular values ≥ ``lower``."""
+    return _newton_schulz(X, _ns_rows(sched, steps, lower, tol), sched.safety)
+
+
+def _fro(X: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(X.double(), dim=(-2, -1))
+
+
+def _ns_setup(M: Tensor, schedule, dtype: torch.dtype | None) -> tuple[Tensor, bool, Schedule, float]:
+    X, t = _wide(M)
+    work = dtype if dtype is not None else _work_dtype(M.dtype)
+    return X.to(work), t, _resolve_schedule(schedule), NS_TOL[work]
+
+
+def _ns_clip(X: Tensor, O: Tensor, sched: Schedule, steps: int | None, tol: float) -> Tensor:
+    """De-nested ``U min(Σ, 1) Vᵀ = ½[X + O + (O − X) msign(H − I)]``, ``H = sym(X Oᵀ)``, given ``O = msign(X)``.
+
+    Only the sign of ``H − I``'s eigenvalues λ = σ − 1 with |λ| ≥ tol matters to
+    within tol (a wrong sign moves σ by at most |λ|), so the inner NS is run until
+    those are resolved.
+    """
+    H = X @ O.mT
+    E = 0.5 * (H + H.mT) - _eye_like(H)
+    S = _ns_sign(E, sched, steps, tol / (_fro(E).clamp_min(1e-300) * sched.safety), tol).to(X.dtype)
+    return 0.5 * (X + O + S @ (O - X))
+
+
+def _frobenius_lower(X: Tensor, c: float, safety: float) -> Tensor:
+    """``c`` as a normalized singular value of each matrix of the batch: ``c / (‖X‖_F·safety)``."""
+    return c / (_fro(X).clamp_min(1e-300) * safety)
 
 
 def mclip(
@@ -460,45 +628,106 @@ def mclip(
 ) -> Tensor:
     """Singular value clipping ``U min(Σ, c) Vᵀ = c · mclip(M / c)`` (the mclip note, kexue.fm/archives/11006).
 
-    With ``O = msign(M)`` (on the tall orientation, ``H = sym(OᵀM) = V Σ Vᵀ``):
+    ``schedule="accurate"`` (default) or ``"svd"``: one float64 decomposition of
+    the short side's Gram matrix (an SVD for float64 input or ``"svd"``),
+    ``U diag(min(σ, c)/σ) Uᵀ M`` over the kept σ: exact at every scale (no
+    cancellation, also for σ/c ≥ 1e15), relative Frobenius error ≤ 1e-4 against a
+    float64 SVD for float32 input, exact first and second derivatives.
 
-    - ``form="denested"`` (default; Su, kexue.fm/archives/11059, and leloykun's
-      spectral clipping): ``2 mclip(M) = M + O + (O − M) msign(H − I)``. One msign
-      of M and one of the small symmetric ``H − I`` (an eigendecomposition in the
-      exact schedules), so errors of the inner msign are not amplified.
-    - ``form="nested"`` (the mclip note's): ``2 mclip(M) = M + O + (I − M Oᵀ) msign(M − O)``,
-      evaluated as ``X − M (Oᵀ X)`` with ``X = msign(M − O)``; it loses accuracy on
-      rank-deficient and wide-spectrum inputs (``steepest reproduce --only mclip``).
+    Newton–Schulz schedules (``"polar_express"``, ``"muon"``, ``"minimax"``, rows),
+    with ``O = msign(M)`` and ``H = sym(M Oᵀ) = U Σ Uᵀ``:
 
-    Free exit: matrices with ``‖M‖_F ≤ c`` are returned unchanged. With the exact
-    schedules the terms are combined in float64 (σ ≫ c would otherwise cancel
-    catastrophically). ``bound`` must be positive and finite.
+    - ``form="denested"`` (default; Su, *mclip via msign (part 2)*,
+      kexue.fm/archives/11059, and leloykun's spectral clipping):
+      ``2 mclip(M) = M + O + (O − M) msign(H − I)``. An error of the inner msign
+      moves a singular value by at most |σ − c|, so it is not amplified.
+    - ``form="nested"`` (the mclip note's): ``2 mclip(M) = M + O + (I − M Oᵀ) msign(M − O)``;
+      it loses accuracy on rank-deficient and wide-spectrum inputs (kept to show it:
+      ``steepest reproduce --only mclip``).
+
+    Contract of the NS routes with ``steps=None``: the schedule's rows, then the
+    convergent quintic (1.875, −1.25, 0.375), are run until the scalar map brings
+    every normalized singular value that matters (σ ≥ c for the outer msign,
+    |σ − c| ≥ 1e-4·c for the inner one) within 1e-4 of 1 (1e-2 when computing in
+    bfloat16/float16), so ``σ_max(result) ≤ c·(1 + 1e-2)`` and the relative error
+    is ≤ 1e-2 on any spectrum (tested from rank 0 to full, spectra spread over
+    1e-4…1, c from 0.01·σ_max to 2·σ_max); the count grows like log(‖M‖_F/c).
+    With ``steps`` given, exactly that many rows run (the schedule's tail after
+    its rows) and nothing is promised: 5 Polar Express steps leave singular values
+    ≥ c anywhere in about [0.85, 1.15]·c when c/‖M‖_F ≥ 1e-3, and far below c for
+    smaller ratios.
+
+    Free exit: matrices with ``‖M‖_F ≤ c`` are returned unchanged. ``bound`` must
+    be positive and finite.
     """
     check_tensor(M, "M", min_ndim=2)
-    bound = float(bound)
-    if not (bound > 0 and bound < float("inf")):
-        raise ValueError(f"bound must be a positive finite number, got {bound}")
-    if form not in ("denested", "nested"):
-        raise ValueError(f"form must be 'denested' or 'nested', got {form!r}")
+    bound = _check_positive_number("bound", bound)
+    check_choice("form", form, ("denested", "nested"))
     if M.numel() == 0:
         return M.clone()
-    rtol = _rank_rtol(M.shape, M.dtype)
-    X, t = _wide(M)  # wide orientation: X = U Σ Vᵀ with U square (m×m)
-    X = X.to(_work(M, schedule, dtype)) / bound
-    inside = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) <= 1
+    inside = _fro(M) <= bound
     if bool(inside.all()):
         return M.clone()
-    O = _msign_wide(X, schedule, steps, dtype, rtol).to(X.dtype)
-    if form == "denested":
-        H = X @ O.mT
-        H = 0.5 * (H + H.mT)  # = U Σ Uᵀ (m×m)
-        S = _sym_sign(H - _eye_like(H), schedule, steps, dtype).to(X.dtype)
-        C = 0.5 * (X + O + S @ (O - X))
-    else:
-        D = _msign_wide(X - O, schedule, steps, dtype, rtol).to(X.dtype)
+    if _is_exact(schedule) and form == "denested":
+        return _spectral_exact(M, lambda s: _clip_fn(bound / s), svd=schedule == "svd")
+    if _is_exact(schedule):
+        X, t = _wide(M)
+        X = X.to(torch.float64) / bound
+        O = _msign_wide(X, schedule, None, None, _rank_rtol(M.shape, M.dtype))
+        D = _msign_wide(X - O, schedule, None, None, _rank_rtol(M.shape, M.dtype))
         C = 0.5 * (X + O + D - (X @ O.mT) @ D)
-    C = torch.where(inside, X, C) * bound
+    else:
+        X, t, sched, tol = _ns_setup(M, schedule, dtype)
+        X = X / bound
+        O = _ns_sign(X, sched, steps, _frobenius_lower(X, 1.0, sched.safety), tol).to(X.dtype)
+        if form == "denested":
+            C = _ns_clip(X, O, sched, steps, tol)
+        else:
+            D = _ns_sign(X - O, sched, steps, _frobenius_lower(X, 1.0, sched.safety), tol).to(X.dtype)
+            C = 0.5 * (X + O + D - (X @ O.mT) @ D)
+    C = torch.where(inside.unsqueeze(-1).unsqueeze(-1), _wide(M)[0].to(C.dtype) / bound, C) * bound
     return _unwide(C, t).to(M.dtype)
+
+
+def mclamp(
+    M: Tensor,
+    min: float | None = None,  # noqa: A002 - the names of torch.clamp
+    max: float | None = None,  # noqa: A002
+    *,
+    schedule: str | Schedule | Sequence[Sequence[float]] = "accurate",
+    steps: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Two-sided clamp of the singular values, ``U clamp(Σ, min, max) Vᵀ``.
+
+    ``mclamp(M, max=c) == mclip(M, c)``; with ``min=a``:
+    ``U max(min(Σ, b), a) Vᵀ = C − mclip(C, a) + a·O`` with ``C = mclip(M, b)`` and
+    ``O = msign(M)`` (C and O share M's singular vectors; the mclip note's
+    calculus). NVIDIA Emerging-Optimizers calls this ``spectral_clip(σ_min, σ_max)``.
+
+    Rank-deficient M: only the singular values above the rank threshold (module
+    docstring) are raised to ``min``; the dropped directions stay zero, so the
+    result's rank is M's rank. With NS schedules, singular values below the NS
+    resolution (about 1e-5·‖M‖_F) are not raised; use the accurate schedule where
+    that matters. Schedules and the NS contract as in :func:`mclip`.
+    """
+    check_tensor(M, "M", min_ndim=2)
+    lo = None if min is None else _check_positive_number("min", min)
+    hi = None if max is None else _check_positive_number("max", max)
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"min must be <= max, got min={lo}, max={hi}")
+    if lo is None:
+        return M.clone() if hi is None else mclip(M, hi, schedule=schedule, steps=steps, dtype=dtype)
+    if M.numel() == 0:
+        return M.clone()
+    if _is_exact(schedule):
+        return _spectral_exact(M, lambda s: _clamp_fn(lo / s, None if hi is None else hi / s), svd=schedule == "svd")
+    X, t, sched, tol = _ns_setup(M, schedule, dtype)
+    X = X / lo
+    O = _ns_sign(X, sched, steps, 1e-5, tol).to(X.dtype)
+    C = X if hi is None else _ns_clip(X / (hi / lo), O, sched, steps, tol) * (hi / lo)
+    out = (C - _ns_clip(C, O, sched, steps, tol) + O) * lo
+    return _unwide(out, t).to(M.dtype)
 
 
 def mstep(
@@ -509,24 +738,27 @@ def mstep(
     steps: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Step function of the singular values ``U step(Σ − t) Vᵀ`` (σ > t → 1, σ < t → 0).
+    """Step function of the singular values ``U step(Σ − t) Vᵀ`` (σ > t → 1, σ < t → 0, σ = t → ½).
 
-    The mclip note: ``mstep(M) = ½[O + msign(M − O)]``; evaluated in the de-nested form
-    ``½[O + msign(H − I) O]`` on the wide orientation, ``H = sym(M Oᵀ) = U Σ Uᵀ``,
-    applied to ``M / t``. σ exactly at t maps to ½.
+    The mclip note: ``mstep(M) = ½[O + msign(M − O)]``. Accurate schedules: one
+    Gram eigendecomposition, ``U diag(step(σ − t)/σ) Uᵀ M`` (exact). NS schedules:
+    the de-nested ``½[O + msign(H − I) O]`` on ``M / t``, ``H = sym(M Oᵀ) = U Σ Uᵀ``,
+    with the step counts of :func:`mclip`'s contract: within 1e-2 for singular
+    values outside [t(1 − 1e-4), t(1 + 1e-4)] (inside that band a step function
+    cannot be resolved by any polynomial).
     """
     check_tensor(M, "M", min_ndim=2)
-    threshold = float(threshold)
-    if not (threshold > 0 and threshold < float("inf")):
-        raise ValueError(f"threshold must be a positive finite number, got {threshold}")
+    threshold = _check_positive_number("threshold", threshold)
     if M.numel() == 0:
         return M.clone()
-    X, t = _wide(M)
-    X = X.to(_work(M, schedule, dtype)) / threshold
-    O = _msign_wide(X, schedule, steps, dtype, _rank_rtol(M.shape, M.dtype)).to(X.dtype)
+    if _is_exact(schedule):
+        return _spectral_exact(M, lambda s: _step_fn(threshold / s, s), svd=schedule == "svd")
+    X, t, sched, tol = _ns_setup(M, schedule, dtype)
+    X = X / threshold
+    O = _ns_sign(X, sched, steps, _frobenius_lower(X, 1.0, sched.safety), tol).to(X.dtype)
     H = X @ O.mT
-    H = 0.5 * (H + H.mT)
-    S = _sym_sign(H - _eye_like(H), schedule, steps, dtype).to(X.dtype)
+    E = 0.5 * (H + H.mT) - _eye_like(H)
+    S = _ns_sign(E, sched, steps, tol / (_fro(E).clamp_min(1e-300) * sched.safety), tol).to(X.dtype)
     return _unwide(0.5 * (O + S @ O), t).to(M.dtype)
 
 
@@ -540,19 +772,28 @@ def mpoly(
 ) -> Tensor:
     """``U f(Σ) Vᵀ`` for the polynomial ``f(x) = Σ_k coeffs[k] xᵏ`` (the mclip note).
 
-    ``U Σ^{2k+1} Vᵀ = M (MᵀM)ᵏ`` and ``U Σ^{2k} Vᵀ = O (MᵀM)ᵏ``, so
-    ``U f(Σ) Vᵀ = M · p_odd(MᵀM) + O · p_even(MᵀM)`` with ``O = msign(M)``; the
-    even part (which needs O) is skipped when every even coefficient is zero. Zero
-    singular values stay zero (the constant term acts on the range of M only).
+    Zero singular values stay zero (the constant term acts on the range of M
+    only). Accurate schedules: one Gram eigendecomposition, ``U diag(f(σ)/σ) Uᵀ M``
+    over the kept σ (exact). NS schedules: ``U Σ^{2k+1} Vᵀ = M (MᵀM)ᵏ`` and
+    ``U Σ^{2k} Vᵀ = O (MᵀM)ᵏ``, so ``U f(Σ) Vᵀ = M · p_odd(MᵀM) + O · p_even(MᵀM)``
+    with ``O = msign(M)``; the even part (which needs O) is skipped when every even
+    coefficient is zero, and otherwise O is computed to 1e-4 for every singular value
+    where ``|p_even(σ²)|`` exceeds 1e-4 of ``max |f|`` (down to 1e-5·‖M‖_F).
     """
     check_tensor(M, "M", min_ndim=2)
-    coeffs = [float(c) for c in coeffs]
+    try:
+        coeffs = [float(c) for c in coeffs]
+    except (TypeError, ValueError):
+        raise TypeError(f"coeffs must be a sequence of numbers, got {coeffs!r}") from None
     if not coeffs:
         raise ValueError("coeffs must hold at least one coefficient, e.g. [0, 1] for f(x) = x")
+    if not all(math.isfinite(c) for c in coeffs):
+        raise ValueError(f"coeffs must be finite, got {coeffs}")
     if M.numel() == 0:
         return M.clone()
-    X, t = _wide(M)
-    X = X.to(_work(M, schedule, dtype))
+    if _is_exact(schedule):
+        return _spectral_exact(M, lambda s: _poly_fn(coeffs, s), svd=schedule == "svd")
+    X, t, sched, tol = _ns_setup(M, schedule, dtype)
     A = X @ X.mT  # U Σ² Uᵀ on the short side
 
     def horner(cs: list[float]) -> Tensor | None:
@@ -569,9 +810,19 @@ def mpoly(
     if podd is not None:
         out = out + podd @ X
     if peven is not None:
-        O = _msign_wide(X, schedule, steps, dtype, _rank_rtol(M.shape, M.dtype)).to(X.dtype)
+        lower = _even_lower(coeffs, float(_fro(X).max()), tol) / sched.safety
+        O = _ns_sign(X, sched, steps, lower, tol).to(X.dtype)
         out = out + peven @ O
     return _unwide(out, t).to(M.dtype)
+
+
+def _even_lower(coeffs: list[float], fro: float, tol: float) -> float:
+    """The smallest normalized σ whose even part ``|p_even(σ²)|`` exceeds ``tol·max|f|`` on [0, ‖M‖_F] (≥ 1e-5)."""
+    x = np.geomspace(1e-5, 1.0, 512) * fro
+    f = np.polynomial.polynomial.polyval(x, coeffs)
+    even = np.polynomial.polynomial.polyval(x, [c if k % 2 == 0 else 0.0 for k, c in enumerate(coeffs)])
+    big = np.abs(even) > tol * max(float(np.abs(f).max()), 1e-300)
+    return float(x[np.argmax(big)] / fro) if big.any() else 1.0
 
 
 def msquare(
@@ -583,6 +834,48 @@ def msquare(
 ) -> Tensor:
     """``U Σ² Vᵀ = msign(M) MᵀM`` (the mclip note); ``mpoly(M, [0, 0, 1])``."""
     return mpoly(M, [0.0, 0.0, 1.0], schedule=schedule, steps=steps, dtype=dtype)
+
+
+# Functions of the singular values of M/s (s = max|M|, shape (…, 1)) for the exact route; the
+# result is multiplied back by s, so each f returns f_true(s·σ)/s.
+def _clip_fn(c: Tensor) -> _Spectral:
+    return _Spectral(lambda S: torch.minimum(S, c), lambda S: (S < c).to(S.dtype), c, 1.0)
+
+
+def _clamp_fn(lo: Tensor, hi: Tensor | None) -> _Spectral:
+    top = (lambda S: S) if hi is None else (lambda S: torch.minimum(S, hi))
+    inside = (lambda S: S > lo) if hi is None else (lambda S: (S > lo) & (S < hi))
+    return _Spectral(lambda S: torch.maximum(top(S), lo), lambda S: inside(S).to(S.dtype))
+
+
+def _step_fn(t: Tensor, s: Tensor) -> _Spectral:
+    def f(S: Tensor) -> Tensor:
+        return torch.where(S > t, 1.0, torch.where(S < t, 0.0, 0.5)).to(S.dtype) / s
+
+    return _Spectral(f, torch.zeros_like, t, 0.0)
+
+
+def _poly_fn(coeffs: list[float], s: Tensor) -> _Spectral:
+    def f(S: Tensor) -> Tensor:
+        x = S * s
+        out = torch.zeros_like(S)
+        for c in reversed(coeffs):
+            out = out * x + c
+        return out / s
+
+    def df(S: Tensor) -> Tensor:
+        x = S * s
+        out = torch.zeros_like(S)
+        for k in range(len(coeffs) - 1, 0, -1):
+            out = out * x + k * coeffs[k]
+        return out
+
+    linear = coeffs[0] == 0.0  # f(σ)/σ → c₁ as σ → 0: tiny directions pass through scaled by c₁
+    return _Spectral(f, df, math.inf if linear else 0.0, coeffs[1] if linear and len(coeffs) > 1 else 0.0)
+
+
+def _check_positive_number(name: str, value: Any) -> float:
+    return check_number(name, value, low=0.0, low_open=True)
 
 
 def spectral_norm(
@@ -601,26 +894,36 @@ def spectral_norm(
     clustered top singular values (where single-vector power iteration stalls) from
     biasing the estimate. With ``iters=None`` it stops when the top Ritz pair's
     residual ``‖A v − θ v‖ ≤ tol·θ`` (default ``tol = 100·eps``), which bounds
-    ``|θ − λ|``; at most ``max_iters`` steps. Otherwise it runs exactly ``iters``
-    steps. Returned as ``‖Mᵀ v‖`` with v held fixed, so its gradient is ``u vᵀ``,
+    ``|θ − λ|``; at most ``max_iters`` steps, and if it has not converged by then (a
+    tightly clustered top) the top eigenvector of the float64 Gram matrix finishes
+    the job, so the result is right either way. Otherwise it runs exactly ``iters``
+    steps. The magnitude is scaled out first (entries from 1e-30 to 1e30 in any
+    dtype). Returned as ``‖Mᵀ v‖`` with v held fixed, so its gradient is ``u vᵀ``,
     the derivative of σ_max.
     """
     check_tensor(M, "M", min_ndim=2)
-    if iters is not None and iters < 0:
-        raise ValueError(f"iters must be >= 0, got {iters}")
+    if iters is not None:
+        check_int("iters", iters)
+    check_int("block", block, low=1)
+    check_int("max_iters", max_iters, low=1)
     X, _ = _wide(M)  # X is (…, m, n) with m ≤ n: iterate in R^m
+    if X.shape[-2] == 0 or X.shape[-1] == 0:
+        return M.new_zeros(M.shape[:-2])
     work = _work_dtype(M.dtype)
-    tol = 100 * torch.finfo(work).eps if tol is None else float(tol)
+    tol = 100 * torch.finfo(work).eps if tol is None else check_number("tol", tol, low=0.0, low_open=True)
     m = X.shape[-2]
-    b = max(1, min(int(block), m))
+    b = min(int(block), m)
+    # Scale out the magnitude once: norms of float32/bf16 entries near 1e±20 would under/overflow.
+    s = _amax(X.detach().to(work))
+    s = torch.where(s > 0, s, torch.ones_like(s))
     with torch.no_grad():
-        s = _amax(X.detach().to(work))
-        Y = X.detach().to(work) / torch.where(s > 0, s, torch.ones_like(s))
+        Y = X.detach().to(work) / s
         gen = torch.Generator(device=M.device).manual_seed(0)
         V = torch.randn(*Y.shape[:-2], m, b, generator=gen, dtype=work, device=M.device)
         V = torch.linalg.qr(V).Q
         limit = max_iters if iters is None else iters
         exact = b == m  # Rayleigh–Ritz on the whole space is exact
+        converged = exact
         for k in range(limit + 1):
             if exact or k == limit or (iters is None and k % 4 == 0):
                 YV = Y.mT @ V
@@ -631,9 +934,13 @@ def spectral_norm(
                 r = Y @ (Y.mT @ v) - theta[..., -1:, None] * v
                 done = torch.linalg.vector_norm(r, dim=(-2, -1)) <= tol * theta[..., -1].clamp_min(0)
                 if bool(done.all()):
+                    converged = True
                     break
             V = torch.linalg.qr(Y @ (Y.mT @ V)).Q
-    sigma = torch.linalg.vector_norm(X.to(work).mT @ v, dim=(-2, -1))
+        if iters is None and not converged:  # a clustered top defeated the iteration: finish exactly
+            Y64 = Y.to(torch.float64)
+            v = torch.linalg.eigh(Y64 @ Y64.mT)[1][..., -1:].to(work)
+    sigma = torch.linalg.vector_norm((X.to(work) / s).mT @ v, dim=(-2, -1)) * s[..., 0, 0]
     return sigma.to(M.dtype)
 
 
@@ -674,12 +981,14 @@ def inv_sqrt(
         A = A + eps * torch.eye(n, dtype=A.dtype, device=A.device)
     if method == "eigh":
         A64 = A.to(torch.float64)
-        return _SymFunc.apply(0.5 * (A64 + A64.mT), "inv_sqrt").to(A.dtype)
+        return _InvSqrt.apply(0.5 * (A64 + A64.mT)).to(A.dtype)
     if method != "newton_schulz":
         raise ValueError(f"method must be 'eigh' or 'newton_schulz', got {method!r}")
     _check_positive(torch.linalg.eigvalsh(A.detach().to(torch.float64)))
     work = _work_dtype(A.dtype)
-    Aw = A.to(work)
+    # scale out the magnitude first: ‖A‖_F of float32 entries near 1e±20 under/overflows
+    s = A.detach().to(work).abs().amax(dim=(-2, -1), keepdim=True)
+    Aw = A.to(work) / s
     c = torch.linalg.vector_norm(Aw, dim=(-2, -1), keepdim=True)
     I = torch.eye(n, dtype=work, device=A.device).expand_as(Aw)
     Y, Z = Aw / c, I
@@ -690,4 +999,4 @@ def inv_sqrt(
         if iters is None and k % 4 == 3:
             if bool(((T - I).abs().amax() < tol)):
                 break
-    return (Z / c.sqrt()).to(A.dtype)
+    return (Z / (c.sqrt() * s.sqrt())).to(A.dtype)
