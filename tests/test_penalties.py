@@ -431,3 +431,162 @@ def test_finite_differences_at_zero_gradient_are_zero_not_nan(normalize):
     assert torch.isfinite(gw).all()
     out = param_penalty_grads_fd(lambda: (w * 0).sum() + 1.0, [w], normalize=normalize)
     assert float(out.grad_norm2) == 0.0 and torch.equal(out.penalty_grads[0], torch.zeros(2, dtype=DT))
+
+
+# ------------------------------------------------------------- unused inputs and parameters
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+def test_input_grad_norm2_of_an_f_that_ignores_x_is_zero(method):
+    x = torch.randn(4, 3, dtype=DT)
+    w = torch.randn(3, dtype=DT, requires_grad=True)
+    # constant in x and in everything; then constant in x but a function of a parameter
+    for f in (lambda xx: torch.ones(xx.shape[0], dtype=DT), lambda xx: w.pow(2).sum().expand(xx.shape[0])):
+        out = input_grad_norm2(f, x, method=method)
+        assert torch.equal(out.detach(), torch.zeros(4, dtype=DT))
+        assert out.requires_grad  # create_graph=True: usable as a penalty term
+        out.sum().backward()
+    assert torch.equal(w.grad, torch.zeros(3, dtype=DT))
+    (gw,) = torch.autograd.grad(input_grad_norm2(lambda xx: w.sum().expand(xx.shape[0]), x, method=method).sum(), w)
+    assert torch.equal(gw, torch.zeros(3, dtype=DT))
+    out = input_grad_norm2(lambda xx: torch.ones(xx.shape[0], dtype=DT), x, method=method, create_graph=False)
+    assert torch.equal(out, torch.zeros(4, dtype=DT)) and not out.requires_grad
+
+
+def test_param_grad_norm2_counts_unused_parameters_as_zero():
+    torch.manual_seed(0)
+    used, unused = nn.Linear(3, 2).to(DT), nn.Linear(3, 2).to(DT)
+    x = torch.randn(5, 3, dtype=DT)
+    ps = list(used.parameters()) + list(unused.parameters())
+    ref = param_grad_norm2(used(x).pow(2).sum(), list(used.parameters()))
+    torch.testing.assert_close(param_grad_norm2(used(x).pow(2).sum(), ps), ref, rtol=0, atol=0)
+    # none of the parameters reached (the loss still has a graph), or no graph at all
+    other = torch.ones((), dtype=DT, requires_grad=True)
+    for loss in ((x.sum() * other).pow(2), x.pow(2).sum()):
+        val = param_grad_norm2(loss, list(unused.parameters()))
+        assert val.item() == 0.0 and val.requires_grad
+        grads = torch.autograd.grad(val, list(unused.parameters()))
+        assert all(torch.equal(g, torch.zeros_like(p)) for g, p in zip(grads, unused.parameters()))
+    assert not param_grad_norm2(x.pow(2).sum(), list(unused.parameters()), create_graph=False).requires_grad
+
+
+def test_param_penalty_fd_with_unused_parameters_gives_zeros():
+    torch.manual_seed(0)
+    used, unused = nn.Linear(3, 2).to(DT), nn.Linear(3, 2).to(DT)
+    x = torch.randn(5, 3, dtype=DT)
+    ps = list(used.parameters()) + list(unused.parameters())
+    both = param_penalty_grads_fd(lambda: used(x).pow(2).sum(), ps, eps=1e-6)
+    alone = param_penalty_grads_fd(lambda: used(x).pow(2).sum(), list(used.parameters()), eps=1e-6)
+    torch.testing.assert_close(both.grad_norm2, alone.grad_norm2, rtol=0, atol=0)
+    for a, b in zip(both.penalty_grads[:2], alone.penalty_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for g, pg, p in zip(both.grads[2:], both.penalty_grads[2:], unused.parameters()):
+        assert torch.equal(g, torch.zeros_like(p)) and torch.equal(pg, torch.zeros_like(p))
+    # a loss that reaches none of the parameters, or has no graph at all
+    for closure in (lambda: x.pow(2).sum(), lambda: torch.tensor(3.0, dtype=DT)):
+        out = param_penalty_grads_fd(closure, list(unused.parameters()))
+        assert out.grad_norm2.item() == 0.0
+        assert all(torch.equal(t, torch.zeros_like(p)) for t, p in zip(out.penalty_grads, unused.parameters()))
+
+
+def test_param_penalties_count_a_parameter_passed_twice_once():
+    p = torch.tensor([0.7, -1.3, 0.4], dtype=DT, requires_grad=True)
+    closure = lambda: p.pow(4).sum()  # noqa: E731
+    g = 4 * p.detach() ** 3
+    exact_pen = 2 * (12 * p.detach() ** 2) * g  # ∇‖g‖² = 2 H g, H = diag(12 p²)
+    torch.testing.assert_close(param_grad_norm2(closure(), [p, p]), g.pow(2).sum(), rtol=1e-14, atol=0)
+    out = param_penalty_grads_fd(closure, [p, p], eps=1e-7)
+    assert len(out.grads) == len(out.penalty_grads) == 2  # one entry per position, as passed
+    for pg in out.penalty_grads:
+        torch.testing.assert_close(pg, exact_pen, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.grad_norm2, g.pow(2).sum(), rtol=1e-14, atol=0)
+    assert torch.equal(p.detach(), torch.tensor([0.7, -1.3, 0.4], dtype=DT))
+
+
+# ------------------------------------------------------------- shared modules in the bound
+def test_occam_bound_refuses_a_linear_used_twice():
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4).to(DT)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    x = torch.randn(3, 4, dtype=DT)
+    # what the bound would have to match: ‖∇_θ f‖² over model.parameters() (W used twice, gradients summed)
+    pg = ref_param_grads(model, x, lambda o: o.sum())
+    true_rhs = sum(v.reshape(3, -1).pow(2).sum(1) for v in pg.values())
+    assert true_rhs.shape == (3,)
+    with pytest.raises(ValueError, match="used more than once"):
+        occam_bound(model, x)
+    # two modules sharing one weight (tied weights) are refused too
+    a, b = nn.Linear(4, 4).to(DT), nn.Linear(4, 4).to(DT)
+    b.weight = a.weight
+    with pytest.raises(ValueError, match="shares"):
+        occam_bound(nn.Sequential(a, nn.Tanh(), b), x)
+    # untied, the same architecture is accepted and rhs is autograd's ‖∇_θ f‖²
+    untied = nn.Sequential(lin, nn.Tanh(), nn.Linear(4, 4).to(DT))
+    pg = ref_param_grads(untied, x, lambda o: o.sum())
+    rhs = sum(v.reshape(3, -1).pow(2).sum(1) for v in pg.values())
+    torch.testing.assert_close(occam_bound(untied, x).rhs, rhs, rtol=1e-10, atol=1e-14)
+
+
+# ------------------------------------------------------------- our own Whitening mixes examples
+def test_penalties_refuse_our_whitening_in_train_mode():
+    from steepest.isotropy import Whitening
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), Whitening(3), nn.Tanh(), nn.Linear(3, 1)).to(DT)
+    x = torch.randn(8, 4, dtype=DT)
+    f = lambda xx: model(xx)[:, 0]  # noqa: E731
+    # it does mix the examples: f_0 depends on x_1
+    J = torch.autograd.functional.jacobian(f, x)
+    assert J[0, 1].abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="Whitening in train mode"):
+        input_grad_norm2(f, x, model=model)
+    with pytest.raises(ValueError, match="Whitening in train mode"):
+        input_grad_norm2(model[:2], x[:, :4], method="finite_difference")  # a module f is checked itself
+    with pytest.warns(UserWarning, match="Whitening in train mode"):
+        param_penalty_grads_fd(lambda: f(x).pow(2).mean(), model.parameters(), model=model)
+    # batch statistics in eval too when it keeps no running statistics
+    model[1].track_running_stats = False
+    model.eval()
+    with pytest.raises(ValueError, match="batch statistics"):
+        check_per_example(model)
+    model[1].track_running_stats = True
+    model.eval()  # running statistics: per example again
+    out = input_grad_norm2(f, x, model=model)
+    ref = []
+    for i in range(8):  # one example at a time
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        ref.append(torch.autograd.grad(model(xi)[0, 0], xi)[0].pow(2).sum())
+    torch.testing.assert_close(out, torch.stack(ref), rtol=1e-10, atol=1e-14)
+
+
+def test_batchnorm_without_running_stats_mixes_examples_in_eval():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, track_running_stats=False), nn.Linear(6, 1)).to(DT)
+    model.eval()
+    with pytest.raises(ValueError, match="batch statistics"):
+        check_per_example(model)
+
+
+# ------------------------------------------------------------- RNG replay when CUDA starts late
+def test_rng_replay_restarts_cuda_generators_that_began_during_the_first_pass(monkeypatch):
+    """No GPU here: torch.cuda is stood in for by one CPU generator, initialised by the first pass."""
+    from steepest import penalties
+
+    gen = torch.Generator().manual_seed(1234)
+    state = {"init": False}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: state["init"])
+    monkeypatch.setattr(torch.cuda, "default_generators", (gen,), raising=False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [gen.get_state()])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: gen.set_state(states[0]))
+
+    def forward():
+        state["init"] = True  # the first CUDA call initialises it
+        return torch.rand(4, generator=gen)
+
+    rng = penalties._SameRandomness()
+    first = forward()
+    after = rng.rewind()
+    second = forward()
+    assert torch.equal(first, second)  # the same "dropout mask" on the replay
+    rng.restore(after)
+    ref = torch.Generator().manual_seed(1234)
+    torch.rand(4, generator=ref)
+    assert torch.equal(torch.rand(4, generator=gen), torch.rand(4, generator=ref))  # moved as for one pass

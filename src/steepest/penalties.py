@@ -16,10 +16,12 @@ scalar ``f`` of the output, per example::
 
 Examples must not interact. Everything here computes per-example quantities as
 gradients of a batch sum, which is only right when example ``i``'s value depends
-on ``x_i`` alone. BatchNorm in train mode breaks that, so the policy is:
+on ``x_i`` alone. A layer normalising with batch statistics breaks that:
+BatchNorm and :class:`steepest.isotropy.Whitening` in train mode, or in eval mode
+without running statistics. The policy is:
 
-* :func:`input_grad_norm2` *refuses* (``ValueError``) when it can see a BatchNorm
-  layer in train mode (``f`` is an ``nn.Module``, or ``model=`` is given): the
+* :func:`input_grad_norm2` *refuses* (``ValueError``) when it can see such a
+  layer (``f`` is an ``nn.Module``, or ``model=`` is given): the
   "per-example" norms would silently include cross-example terms.
 * :func:`occam_bound` refuses every module outside ``Linear`` + elementwise
   activations, BatchNorm included (in eval mode it is an affine map the bound's
@@ -27,8 +29,12 @@ on ``x_i`` alone. BatchNorm in train mode breaks that, so the policy is:
 * :func:`param_grad_norm2` is the gradient norm of one scalar batch loss, which
   is well defined with BatchNorm; it is not a sum of per-example penalties.
 * :func:`param_penalty_grads_fd` *warns* (``UserWarning``) when ``model=`` holds
-  BatchNorm in train mode, and restores the model's buffers after its second
-  forward pass so the running statistics are updated exactly once per call.
+  such a layer, and restores the model's buffers after its second forward pass
+  so the running statistics are updated exactly once per call.
+
+Inputs or parameters a value does not depend on have gradient exactly 0 here
+(not torch's "does not require grad" / ``allow_unused`` errors), and a tensor
+listed twice in ``params`` is one parameter.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validate import check_tensor
+from .isotropy import Whitening
 
 __all__ = [
     "ELEMENTWISE_ACTIVATIONS",
@@ -90,28 +97,56 @@ def _check_eps(eps: float) -> None:
         raise ValueError(f"eps must be a finite positive number, got {eps!r}")
 
 
+def _batch_statistics(m: nn.Module) -> str | None:
+    """How ``m`` normalises with the statistics of the batch (so mixes its examples), or None."""
+    if isinstance(m, _BATCHNORMS):
+        kind = "BatchNorm"
+        # torch's rule: eval mode uses batch statistics when there are no running buffers
+        batch = m.training or (m.running_mean is None and m.running_var is None)
+    elif isinstance(m, Whitening):
+        kind = "Whitening"
+        batch = m.training or not m.track_running_stats
+    else:
+        return None
+    if not batch:
+        return None
+    return f"{kind} in train mode" if m.training else f"{kind} in eval mode without running statistics"
+
+
+def _first_mixing(module: nn.Module | None) -> tuple[str, str] | None:
+    """(name, description) of the first layer of ``module`` that mixes examples, or None."""
+    if module is None:
+        return None
+    for name, m in module.named_modules():
+        why = _batch_statistics(m)
+        if why is not None:
+            return name or type(module).__name__, why
+    return None
+
+
 def check_per_example(module: nn.Module | None) -> None:
-    """Raise ``ValueError`` if ``module`` contains BatchNorm in train mode.
+    """Raise ``ValueError`` if ``module`` contains a layer that normalises with batch statistics.
 
     Per-example gradients computed as gradients of a batch sum (this module's
-    method) are wrong when examples interact; BatchNorm in train mode normalises
-    with batch statistics, so ``f(x)_i`` depends on every ``x_j`` (the penalties
-    note only covers per-example MLPs). ``module.eval()`` or a per-example
-    normalisation (LayerNorm, GroupNorm) fixes it.
+    method) are wrong when examples interact. BatchNorm and
+    :class:`steepest.isotropy.Whitening` in train mode (or in eval mode without
+    running statistics) normalise with batch statistics, so ``f(x)_i`` depends
+    on every ``x_j`` (the penalties note only covers per-example MLPs).
+    ``module.eval()`` with running statistics, or a per-example normalisation
+    (LayerNorm, GroupNorm), fixes it.
     """
-    if module is None:
-        return
-    for name, m in module.named_modules():
-        if isinstance(m, _BATCHNORMS) and m.training:
-            raise ValueError(
-                f"module {name or type(module).__name__!r} is BatchNorm in train mode: it mixes the examples of a "
-                "batch, so per-example input gradients are not defined by a batch backward pass; call .eval() on "
-                "the model or use LayerNorm/GroupNorm"
-            )
+    found = _first_mixing(module)
+    if found is not None:
+        name, why = found
+        raise ValueError(
+            f"module {name!r} is {why}: it normalises with batch statistics and so mixes the examples of a "
+            "batch, and per-example input gradients are not defined by a batch backward pass; call .eval() on "
+            "the model (with track_running_stats=True) or use LayerNorm/GroupNorm"
+        )
 
 
-def _has_train_batchnorm(module: nn.Module | None) -> bool:
-    return module is not None and any(isinstance(m, _BATCHNORMS) and m.training for m in module.modules())
+def _cuda_ready() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
 class _SameRandomness:
@@ -119,13 +154,19 @@ class _SameRandomness:
 
     def __init__(self) -> None:
         self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        # reading CUDA's state would start CUDA; if it is not running, see rewind
+        self.cuda = torch.cuda.get_rng_state_all() if _cuda_ready() else None
 
     def rewind(self) -> tuple[Tensor, list[Tensor] | None]:
-        after = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if self.cuda is not None else None)
+        cuda_now = _cuda_ready()
+        after = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if cuda_now else None)
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
+        elif cuda_now:
+            # CUDA started during the first pass, so its generators began it fresh: reseed them
+            for gen in torch.cuda.default_generators:
+                gen.manual_seed(gen.initial_seed())
         return after
 
     @staticmethod
@@ -145,6 +186,24 @@ def _per_example_values(f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
             f"{shape}; e.g. use reduction='none' in the loss"
         )
     return fx
+
+
+def _linked_zero(*sources: Tensor) -> Tensor | int:
+    """A zero that is part of the graph of every source requiring grad (an empty slice: no inf·0 = NaN)."""
+    out: Tensor | int = 0
+    for t in sources:
+        if isinstance(t, Tensor) and t.requires_grad:
+            out = out + t.reshape(-1)[:0].sum()
+    return out
+
+
+def _input_grad(fx: Tensor, x_in: Tensor, **kwargs: bool) -> Tensor:
+    """``∇_x Σ_i f_i``; exactly 0 where f does not depend on x (torch would raise)."""
+    if fx.requires_grad:
+        (g,) = torch.autograd.grad(fx.sum(), x_in, allow_unused=True, **kwargs)
+        if g is not None:
+            return g
+    return torch.zeros_like(x_in)
 
 
 def input_grad_norm2(
@@ -184,6 +243,9 @@ def input_grad_norm2(
     closure (a module ``f`` is checked itself). The finite difference replays the
     RNG so both forward passes draw the same dropout masks.
     ``return_output=True`` returns ``(norm2, f(x))`` to reuse the forward pass.
+
+    An ``f`` that does not depend on ``x`` gives exact zeros (still part of the
+    graph with ``create_graph=True``, so usable as a penalty term).
     """
     if method not in ("exact", "finite_difference"):
         raise ValueError(f"method must be 'exact' or 'finite_difference', got {method!r}")
@@ -198,16 +260,17 @@ def input_grad_norm2(
     if method == "exact":
         with torch.enable_grad():
             fx = _per_example_values(f, x_in)
-            (g,) = torch.autograd.grad(fx.sum(), x_in, create_graph=create_graph)
+            g = _input_grad(fx, x_in, create_graph=create_graph)
         out = g.reshape(g.shape[0], -1).pow(2).sum(1)
+        if create_graph and not out.requires_grad:
+            out = out + _linked_zero(x_in, fx)
         return (out, fx) if return_output else out
 
     _check_eps(eps)
     with torch.enable_grad():
         rng = _SameRandomness()
         fx = _per_example_values(f, x_in)
-        (g,) = torch.autograd.grad(fx.sum(), x_in, retain_graph=True)
-        g = g.detach()
+        g = _input_grad(fx, x_in, retain_graph=True).detach()
         gnorm = g.reshape(g.shape[0], -1).norm(dim=1)
         # inv_step = 1/ε_i, kept finite so a zero gradient gives a zero step, not inf·0
         if normalize:
@@ -222,20 +285,40 @@ def input_grad_norm2(
             rng.restore(after)
         d = (f_shift - fx) * inv_step
     out = 2 * d - d.detach() if create_graph else d.detach()
+    if create_graph and not out.requires_grad:
+        out = out + _linked_zero(x_in, fx)
     return (out, fx) if return_output else out
 
 
 # -------------------------------------------------------------- parameter penalty
-def _param_list(params: Iterable[Tensor]) -> list[Tensor]:
+def _param_list(params: Iterable[Tensor]) -> tuple[list[Tensor], list[int]]:
+    """The distinct parameters, and for each one passed the index of its distinct entry.
+
+    A tensor passed twice is one parameter: counted once in ‖g‖², stepped once.
+    """
     if isinstance(params, Tensor):
         params = [params]
     ps = list(params)
     if not ps:
         raise ValueError("params is empty; pass e.g. list(model.parameters())")
+    unique: list[Tensor] = []
+    seen: dict[int, int] = {}
+    where: list[int] = []
     for i, p in enumerate(ps):
         if not isinstance(p, Tensor) or not p.requires_grad:
             raise ValueError(f"params[{i}] must be a tensor with requires_grad=True")
-    return ps
+        if id(p) not in seen:
+            seen[id(p)] = len(unique)
+            unique.append(p)
+        where.append(seen[id(p)])
+    return unique, where
+
+
+def _param_grads(loss: Tensor, ps: list[Tensor], **kwargs: bool) -> list[Tensor | None]:
+    """``∂loss/∂p`` per parameter, None where the loss does not reach it (or has no graph)."""
+    if not loss.requires_grad:
+        return [None] * len(ps)
+    return list(torch.autograd.grad(loss, ps, allow_unused=True, **kwargs))
 
 
 def _check_scalar_loss(loss: Tensor) -> None:
@@ -252,15 +335,19 @@ def param_grad_norm2(loss: Tensor, params: Iterable[Tensor], *, create_graph: bo
     The parameter-gradient penalty of the penalties note (the implicit
     regulariser of gradient descent: Barrett & Dherin, *Implicit Gradient
     Regularization* (2021), arXiv:2009.11162). ``loss`` is a scalar that must
-    still have its graph; parameters it does not reach count as 0.
+    still have its graph; parameters it does not reach count as exactly 0 (and
+    with ``create_graph=True`` the result is still differentiable in them, with
+    gradient 0). A tensor passed twice counts once.
     """
     _check_scalar_loss(loss)
-    ps = _param_list(params)
-    grads = torch.autograd.grad(loss, ps, create_graph=create_graph, allow_unused=True)
+    ps, _ = _param_list(params)
+    grads = _param_grads(loss, ps, create_graph=create_graph)
     total = loss.new_zeros(())
-    for g in grads:
+    for g, p in zip(grads, ps):
         if g is not None:
             total = total + g.pow(2).sum()
+        elif create_graph:
+            total = total + _linked_zero(p)
     return total
 
 
@@ -298,13 +385,18 @@ def param_penalty_grads_fd(
     ``model`` is given its buffers are restored after the second pass (BatchNorm
     running statistics move once per call; BatchNorm in train mode also warns,
     see the module docstring).
+
+    Parameters the loss does not reach get exact zeros. A tensor passed twice is
+    stepped once and counted once in ``grad_norm2``; the returned lists still
+    have one entry per tensor passed.
     """
     _check_eps(eps)
-    ps = _param_list(params)
-    if _has_train_batchnorm(model):
+    ps, where = _param_list(params)
+    mixing = _first_mixing(model)
+    if mixing is not None:
         warnings.warn(
-            "model has BatchNorm in train mode: the parameter penalty then couples the examples of the batch "
-            "(it is the gradient norm of the batch loss, not a per-example penalty)",
+            f"model has {mixing[1]} ({mixing[0]!r}): the parameter penalty then couples the examples of the "
+            "batch (it is the gradient norm of the batch loss, not a per-example penalty)",
             UserWarning,
             stacklevel=2,
         )
@@ -312,7 +404,7 @@ def param_penalty_grads_fd(
     with torch.enable_grad():
         loss = closure()
         _check_scalar_loss(loss)
-        g = [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(torch.autograd.grad(loss, ps, allow_unused=True), ps)]
+        g = [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(_param_grads(loss, ps), ps)]
     norm2 = sum((gi.pow(2).sum() for gi in g), loss.new_zeros(()).detach())
     step = eps / max(math.sqrt(float(norm2)), torch.finfo(norm2.dtype).tiny / eps) if normalize else eps
 
@@ -326,7 +418,7 @@ def param_penalty_grads_fd(
         with torch.enable_grad():
             loss2 = closure()
             _check_scalar_loss(loss2)
-            g2 = torch.autograd.grad(loss2, ps, allow_unused=True)
+            g2 = _param_grads(loss2, ps)
     finally:
         with torch.no_grad():
             for p, s in zip(ps, saved):
@@ -336,7 +428,7 @@ def param_penalty_grads_fd(
                     b.copy_(s)
         rng.restore(after)
     pen = [(2.0 / step) * ((g2i if g2i is not None else torch.zeros_like(gi)) - gi) for g2i, gi in zip(g2, g)]
-    return FDPenaltyGrads(loss.detach(), g, pen, norm2)
+    return FDPenaltyGrads(loss.detach(), [g[k] for k in where], [pen[k] for k in where], norm2)
 
 
 # ------------------------------------------------------------------- the bound
@@ -384,7 +476,8 @@ class OccamBound:
 
 def _flatten_sequential(model: nn.Module) -> list[nn.Module]:
     out: list[nn.Module] = []
-    for m in model.children():
+    # iterating the Sequential keeps repeats (children() lists a module used twice once)
+    for m in model:
         if isinstance(m, nn.Sequential):
             out.extend(_flatten_sequential(m))
         else:
@@ -411,10 +504,10 @@ def _validate_mlp(model: nn.Module) -> list[nn.Module]:
                     "defined; call model.eval()"
                 )
             continue
-        if isinstance(m, _BATCHNORMS):
+        if isinstance(m, (*_BATCHNORMS, Whitening)):
             raise TypeError(
                 f"model[{i}] is {type(m).__name__}: the bound covers Linear + elementwise activations only (in train "
-                "mode BatchNorm mixes examples; in eval mode fold it into the preceding Linear)"
+                f"mode {type(m).__name__} mixes examples; in eval mode fold it into the preceding Linear)"
             )
         raise TypeError(
             f"model[{i}] is {type(m).__name__}, outside the class the bound covers (nn.Linear and elementwise "
@@ -422,7 +515,32 @@ def _validate_mlp(model: nn.Module) -> list[nn.Module]:
         )
     if not any(isinstance(m, nn.Linear) for m in mods):
         raise ValueError("model has no nn.Linear layer")
+    _check_unshared(mods)
     return mods
+
+
+def _check_unshared(mods: list[nn.Module]) -> None:
+    """Each Linear must own its W and b: the bound's θ has one (W_t, b_t) per layer."""
+    first_use: dict[int, int] = {}
+    owner: dict[int, str] = {}
+    for i, m in enumerate(mods):
+        if not isinstance(m, nn.Linear):
+            continue
+        if id(m) in first_use:
+            raise ValueError(
+                f"model[{i}] is the nn.Linear of model[{first_use[id(m)]}] again (a module used more than once): "
+                "the bound assumes every layer has its own weights, and a shared layer's gradient is the sum over "
+                "its uses; give each use its own nn.Linear"
+            )
+        first_use[id(m)] = i
+        for pname, p in m.named_parameters(recurse=False):
+            here = f"model[{i}].{pname}"
+            if id(p) in owner:
+                raise ValueError(
+                    f"{here} shares its tensor with {owner[id(p)]} (tied weights): the bound assumes every layer has "
+                    "its own parameters; untie them"
+                )
+            owner[id(p)] = here
 
 
 def _matrix_norm2(M: Tensor, norm: str) -> Tensor:
