@@ -446,3 +446,166 @@ def test_monitor_bad_inputs():
         AlignmentMonitor("model")
     with pytest.raises(ValueError, match="every"):
         AlignmentMonitor(nn.Linear(2, 2), every=0)
+
+
+# ----------------------------------------------------------------------------- Whitening: rank-deficient float32 features
+def _np_whitening_map(S: np.ndarray, eps: float) -> np.ndarray:
+    """(S₊ + ε'I)^{-1/2} in float64 by numpy: S₊ the PSD part of S, ε' = max(ε, c·2⁻⁵²·tr S) (the documented floor)."""
+    lam, Q = np.linalg.eigh(S)
+    c = S.shape[0]
+    e = max(eps, c * np.finfo(np.float64).eps * max(np.trace(S), 0.0)) if eps > 0 else 0.0
+    return (Q / np.sqrt(np.clip(lam, 0.0, None) + e)) @ Q.T
+
+
+def _rank16_features(scale: float = 10.0, n: int = 256, dtype=torch.float32) -> torch.Tensor:
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 64).to(dtype)
+    with torch.no_grad():
+        lin.weight.mul_(scale)
+        return lin(torch.randn(n, 16, dtype=dtype))
+
+
+def test_whitening_rank_deficient_float32_features_with_default_eps():
+    # Linear(16→64) with weights ×10: rank 16 in 64 channels; the float32 covariance's zero
+    # eigenvalues came out ≈ −5e-6, below −eps, and eigh refused "pass eps > 0" though eps = 1e-5
+    x = _rank16_features()
+    m = Whitening(64, affine=False)
+    y = m(x)
+    X = x.double().numpy()
+    Xc = X - X.mean(0)
+    ref = Xc @ _np_whitening_map(Xc.T @ Xc / len(X), 1e-5)
+    assert y.dtype == torch.float32
+    np.testing.assert_allclose(y.detach().numpy(), ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    # whitened in the 16-dimensional signal subspace: 16 unit eigenvalues in the output covariance
+    ev = np.linalg.eigvalsh(np.cov(y.detach().double().numpy(), rowvar=False, bias=True))
+    np.testing.assert_allclose(ev[-16:], 1.0, atol=1e-3)
+    # eval with the (float32, rank-deficient) running covariance works too
+    m.eval()
+    with torch.no_grad():
+        ye = m(x[:5])
+    S = m.running_cov[0].double().numpy()
+    ref_e = (X[:5] - m.running_mean.double().numpy()) @ _np_whitening_map(S, 1e-5)
+    np.testing.assert_allclose(ye.numpy(), ref_e, rtol=0, atol=1e-4 * np.abs(ref_e).max())
+
+
+@pytest.mark.parametrize("scale", [1e6, 1e12])
+def test_whitening_rank_deficient_at_large_scale_in_float64(scale):
+    # float64 rounding of the zero eigenvalues (≈ 1e-16 λ_max) exceeds eps = 1e-5 here: eps is floored
+    x = _rank16_features(scale, dtype=torch.float64)
+    y = Whitening(64, affine=False, track_running_stats=False).double()(x)
+    X = x.numpy()
+    Xc = X - X.mean(0)
+    ref = Xc @ _np_whitening_map(Xc.T @ Xc / len(X), 1e-5)
+    np.testing.assert_allclose(y.detach().numpy(), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    ev = np.linalg.eigvalsh(np.cov(y.detach().numpy(), rowvar=False, bias=True))
+    np.testing.assert_allclose(ev[-16:], 1.0, atol=1e-6)
+
+
+def test_whitening_refuses_statistics_its_buffers_cannot_hold():
+    m = Whitening(4)  # float32 running_cov: a covariance of 1e40 overflows it
+    with pytest.raises(ValueError, match="running_cov"):
+        m(torch.randn(16, 4, dtype=torch.float64) * 1e20)
+    assert torch.isfinite(m.running_cov).all() and int(m.num_batches_tracked) == 0
+    # without running statistics, or with float64 buffers, the same batch is whitened
+    x = torch.randn(16, 4, dtype=torch.float64) * 1e20
+    for w in (Whitening(4, affine=False, track_running_stats=False), Whitening(4, affine=False).double()):
+        y = w(x)
+        np.testing.assert_allclose(np.cov(y.detach().numpy(), rowvar=False, bias=True), np.eye(4), atol=1e-6)
+
+
+def test_whitening_eps_zero_singular_batch_is_a_clear_error():
+    x = torch.zeros(10, 3)
+    x[:, 0] = torch.randn(10)
+    with pytest.raises(ValueError, match="eps > 0"):
+        Whitening(3, eps=0.0)(x)
+
+
+def test_whitening_flags_are_checked():
+    with pytest.raises(TypeError, match="momentum"):
+        Whitening(4, momentum=True)
+    with pytest.raises(TypeError, match="centered"):
+        Whitening(4, centered="yes")
+    with pytest.raises(TypeError, match="affine"):
+        Whitening(4, affine=1)
+    with pytest.raises(TypeError, match="track_running_stats"):
+        Whitening(4, track_running_stats=None)
+
+
+# ----------------------------------------------------------------------------- AlignmentMonitor: closures, accumulation, copies
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_monitor_lbfgs_records_the_whole_step_against_its_starting_gradient():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(5, 3)).double()
+    X = torch.randn(12, 5, dtype=torch.float64)
+    T = torch.randn(12, 3, dtype=torch.float64)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=6)
+    evaluations = []
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(X) - T) ** 2).sum() / 2
+        loss.backward()
+        evaluations.append(1)
+        return loss
+
+    lin = model[0]
+    mon = AlignmentMonitor(model, opt, norms=["sgd", "signsgd"])
+    W0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    G0 = (lin(X) - T).detach().numpy()  # ∂L/∂Y at the weights the step starts from
+    opt.step(closure)
+    assert len(evaluations) > 2
+    dY = X.numpy() @ (lin.weight.detach() - W0).numpy().T + (lin.bias.detach() - b0).numpy()
+    assert mon.history["0"]["sgd"] == [pytest.approx(_cos(dY, -G0), rel=1e-9)]
+    assert mon.history["0"]["signsgd"] == [pytest.approx(_cos(dY, -np.sign(G0)), rel=1e-9)]
+    mon.remove()
+
+
+def test_monitor_gradient_accumulation_stacks_the_micro_batches():
+    torch.manual_seed(4)
+    model = nn.Linear(4, 3).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = AlignmentMonitor(model, opt, norms="sgd")
+    X = torch.randn(10, 4, dtype=torch.float64)
+    T = torch.randn(10, 3, dtype=torch.float64)
+    W0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    opt.zero_grad()
+    for part in (slice(0, 6), slice(6, 10)):
+        (((model(X[part]) - T[part]) ** 2).sum() / 2).backward()
+    opt.step()
+    G = (X @ W0.T + b0 - T).numpy()
+    dY = X.numpy() @ (model.weight.detach() - W0).numpy().T + (model.bias.detach() - b0).numpy()
+    assert mon.history[""]["sgd"] == [pytest.approx(_cos(dY, -G), rel=1e-9)]
+    mon.remove()
+
+
+def test_monitor_hooks_do_not_travel_with_a_deepcopy():
+    import copy
+    import gc
+    import weakref
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = AlignmentMonitor(model, opt, norms="sgd")
+    twin = copy.deepcopy(model)
+    X, X2 = torch.randn(6, 4, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
+    W0, b0 = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    opt.zero_grad()
+    Y = model(X)
+    Y.pow(2).sum().backward()
+    twin(X2).pow(2).sum().backward()  # the copy's forward must not replace the original's entry
+    opt.step()
+    dY = X.numpy() @ (model[0].weight.detach() - W0).numpy().T + (model[0].bias.detach() - b0).numpy()
+    assert mon.history["0"]["sgd"] == [pytest.approx(_cos(dY, -2 * Y.detach().numpy()), rel=1e-9)]
+    mon.remove()
+    assert len(model[0]._forward_hooks) == 0
+    twin(X2).sum().backward()
+    assert mon._pending == {}
+    # the copy holds no reference to the monitor
+    ref = weakref.ref(mon)
+    del mon
+    gc.collect()
+    assert ref() is None

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -41,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from . import linalg
-from ._validate import check_tensor
+from ._validate import check_flag, check_number, check_tensor
 
 __all__ = [
     "RULES",
@@ -199,18 +200,28 @@ class Whitening(nn.Module):
     covariance is singular; ε then sets the gain of the unseen directions
     (1/√ε). Use groups (c < samples) or a larger ε in that regime.
 
+    Precision: the statistics and the whitening map are computed in float64
+    (the output has the input's dtype). A float32 covariance of rank-deficient
+    features (e.g. ``Linear(16→64)`` in front) has zero eigenvalues rounded to
+    about ±2⁻²³·λ_max, beyond a default ε, and overflows above ~1e19. For the
+    same reason ε is raised, per group, to ``c·2⁻⁵²·tr Σ`` when smaller (the
+    float64 rounding level; only matters at extreme scales), and in eval the
+    stored ``running_cov`` is replaced by its positive semidefinite part.
+    Statistics that would overflow the buffers' dtype raise ``ValueError``.
+
     Args:
         num_features: C, the number of channels (dim 1 of the input); a
             positive int.
-        centered: default ``True``: subtract the mean μ (ZCA whitening). ``False``
+        centered: default ``True`` (a bool): subtract the mean μ (ZCA whitening). ``False``
             whitens the uncentered second moment (μ = 0; ``running_mean`` is
             then never updated).
-        momentum: default ``0.1``, a float in [0, 1]. Running statistics are
+        momentum: default ``0.1``, a number in [0, 1] (not a bool). Running statistics are
             updated as ``running = (1 − momentum)·running + momentum·batch``
             (``None``, BatchNorm's cumulative average, is not accepted).
-        eps: default ``1e-5``, a finite float ≥ 0; ``εI`` is added to Σ. With
-            ``eps=0`` training needs more samples than channels per group
-            (otherwise ``ValueError``).
+        eps: default ``1e-5``, a finite float ≥ 0; ``εI`` is added to Σ (ε
+            floored at the rounding level, see Precision). With ``eps=0``
+            training needs more samples than channels per group and a
+            nonsingular Σ (otherwise ``ValueError``).
         groups: default ``1``, a positive int dividing ``num_features``. The
             channels are whitened independently in ``groups`` blocks of
             ``C / groups`` (Σ is block diagonal).
@@ -245,21 +256,20 @@ class Whitening(nn.Module):
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or num_features % groups:
             raise ValueError(f"groups must be a positive int dividing num_features={num_features}, got {groups!r}")
-        if not isinstance(momentum, (int, float)) or not 0.0 <= float(momentum) <= 1.0:
-            raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
+        momentum = check_number("momentum", momentum, low=0.0, high=1.0)
         if method not in ("eigh", "newton_schulz"):
             raise ValueError(f"method must be 'eigh' or 'newton_schulz', got {method!r}")
         if iters is not None and (isinstance(iters, bool) or not isinstance(iters, int) or iters < 1):
             raise ValueError(f"iters must be a positive int or None, got {iters!r}")
         self.num_features = num_features
-        self.centered = bool(centered)
-        self.momentum = float(momentum)
+        self.centered = check_flag("centered", centered)
+        self.momentum = momentum
         self.eps = _check_eps(eps)
         self.groups = groups
         self.method = method
         self.iters = iters
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self.affine = check_flag("affine", affine)
+        self.track_running_stats = check_flag("track_running_stats", track_running_stats)
         c = num_features // groups
         if self.affine:
             self.weight = nn.Parameter(torch.ones(num_features))
@@ -287,6 +297,41 @@ class Whitening(nn.Module):
             return linalg.inv_sqrt(S, method="eigh")
         return linalg.inv_sqrt(S, method="newton_schulz", iters=self.iters)
 
+    def _eps_for(self, S: Tensor) -> Tensor | float:
+        """ε raised, per group, to the rounding level ``c·2⁻⁵²·tr S`` of the float64 matrix S.
+
+        A covariance of rank-deficient features has zero eigenvalues that rounding
+        moves by about that much either way; a smaller ε would leave S + εI indefinite.
+        """
+        if self.eps == 0:
+            return 0.0
+        c = S.shape[-1]
+        tr = torch.diagonal(S.detach(), dim1=-2, dim2=-1).sum(-1).clamp_min(0)
+        return torch.clamp_min(c * torch.finfo(torch.float64).eps * tr, self.eps)[:, None, None]
+
+    def _check_nonsingular(self, S: Tensor, what: str) -> None:
+        if self.eps == 0:
+            _assert_nonsingular(S, what + " of Whitening (eps=0)")
+
+    def _update_running(self, mean: Tensor | None, cov: Tensor, n: int) -> None:
+        m = self.momentum
+        unbias = n / (n - 1) if self.centered else 1.0
+        new_cov = self.running_cov.double().mul(1 - m).add(cov.detach(), alpha=m * unbias)
+        new_mean = None
+        if mean is not None:
+            new_mean = self.running_mean.double().mul(1 - m).add(mean.detach().reshape(-1), alpha=m)
+        for name, new, buf in (("running_cov", new_cov, self.running_cov), ("running_mean", new_mean, self.running_mean)):
+            if new is not None and not bool(torch.isfinite(new.to(buf.dtype)).all()):
+                raise ValueError(
+                    f"Whitening: the batch statistics (largest |entry| {float(new.abs().max()):.3g}) overflow the "
+                    f"{buf.dtype} buffer {name}; rescale the input, convert the module with .double(), or use "
+                    "track_running_stats=False"
+                )
+        self.num_batches_tracked.add_(1)
+        self.running_cov.copy_(new_cov)
+        if new_mean is not None:
+            self.running_mean.copy_(new_mean)
+
     def forward(self, x: Tensor) -> Tensor:
         x = check_tensor(x, "input", min_ndim=2)
         C, G = self.num_features, self.groups
@@ -294,12 +339,15 @@ class Whitening(nn.Module):
         if x.shape[1] != C:
             raise ValueError(f"Whitening({C}) expects input of shape (B, {C}, *), got {tuple(x.shape)}")
         out_dtype = x.dtype
-        xs = x.to(_compute_dtype(x.dtype))
+        # statistics and the map in float64: a float32 covariance rounds its zero
+        # eigenvalues to ±eps32·λ_max (beyond a default eps) and overflows above ~1e19
+        xs = x.to(torch.float64)
         # (B, C, *) -> (N, C) with N = B * prod(spatial)
         flat = xs.movedim(1, -1).reshape(-1, C)
         n = flat.shape[0]
         grouped = flat.reshape(n, G, c).transpose(0, 1)  # (G, N, c)
         use_batch = self.training or not self.track_running_stats
+        eye_c = torch.eye(c, dtype=xs.dtype, device=xs.device)
         if use_batch:
             if n < 2:
                 raise ValueError(f"Whitening in training mode needs more than one sample per channel, got input of shape {tuple(x.shape)}")
@@ -312,29 +360,27 @@ class Whitening(nn.Module):
                 mean = None
                 xc = grouped
             cov = xc.mT @ xc / n  # (G, c, c)
+            eps = self._eps_for(cov)
             if n <= c:
                 # fewer samples than channels: the same map on the n × n side,
                 # xc (xcᵀxc/n + εI)^{-1/2} = √n (xc xcᵀ + nεI)^{-1/2} xc (cheaper, no
                 # c − n repeated eigenvalues ε in the covariance)
-                K = xc @ xc.mT + (n * self.eps) * torch.eye(n, dtype=xc.dtype, device=xc.device)
+                K = xc @ xc.mT + (n * eps) * torch.eye(n, dtype=xc.dtype, device=xc.device)
                 y_small = math.sqrt(n) * (self._inv_sqrt(K) @ xc)
             else:
-                y_small = None
+                self._check_nonsingular(cov, "the batch covariance")
+                y_small = xc @ self._inv_sqrt(cov + eps * eye_c)
             if self.training and self.track_running_stats:
                 with torch.no_grad():
-                    m = self.momentum
-                    self.num_batches_tracked.add_(1)
-                    unbias = n / (n - 1) if self.centered else 1.0
-                    self.running_cov.mul_(1 - m).add_(cov.detach().to(self.running_cov.dtype), alpha=m * unbias)
-                    if mean is not None:
-                        self.running_mean.mul_(1 - m).add_(mean.detach().reshape(C).to(self.running_mean.dtype), alpha=m)
+                    self._update_running(mean, cov, n)
         else:
-            y_small = None
             cov = self.running_cov.to(xs.dtype)
+            # the stored (rounded) covariance can have slightly negative eigenvalues: use its PSD part
+            lam, Q = torch.linalg.eigh(0.5 * (cov + cov.mT))
+            cov = (Q * lam.clamp_min(0).unsqueeze(-2)) @ Q.mT
+            self._check_nonsingular(cov, "running_cov")
             xc = grouped - self.running_mean.to(xs.dtype).reshape(G, 1, c) if self.centered else grouped
-        if y_small is None:
-            wm = self._inv_sqrt(cov + self.eps * torch.eye(c, dtype=cov.dtype, device=cov.device))
-            y_small = xc @ wm
+            y_small = xc @ self._inv_sqrt(cov + self._eps_for(cov) * eye_c)
         y = y_small.transpose(0, 1).reshape(n, C)
         if self.affine:
             y = y * self.weight.to(y.dtype) + self.bias.to(y.dtype)
@@ -458,6 +504,47 @@ def feature_alignment(X: Tensor, G: Tensor, rule: str, *, schedule: Any = "svd")
     return _cosine(dY, D)
 
 
+class _LayerHook:
+    """Forward hook of one monitored layer; copies of it (deepcopy, pickle) are inert.
+
+    A closure hook would travel with ``copy.deepcopy(model)`` still feeding the
+    monitor, and ``remove()`` could not reach the copy's entry.
+    """
+
+    def __init__(self, monitor: AlignmentMonitor | None, name: str, module: nn.Module | None) -> None:
+        self.monitor = monitor
+        self.name = name
+        self.module = None if module is None else weakref.ref(module)
+
+    def __call__(self, mod: nn.Module, inputs: tuple[Tensor, ...], out: Any) -> None:
+        if self.monitor is None or self.module is None or self.module() is not mod:
+            return
+        self.monitor._on_forward(self.name, mod, inputs, out)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _LayerHook:
+        return _LayerHook(None, self.name, None)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_LayerHook, (None, self.name, None))
+
+
+class _StepHook:
+    """Optimizer step post-hook calling :meth:`AlignmentMonitor.record`; copies of it are inert."""
+
+    def __init__(self, monitor: AlignmentMonitor | None) -> None:
+        self.monitor = monitor
+
+    def __call__(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if self.monitor is not None:
+            self.monitor.record()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _StepHook:
+        return _StepHook(None)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_StepHook, (None,))
+
+
 class AlignmentMonitor:
     """Measure feature-space steepest descent on the ``nn.Linear`` layers of a model.
 
@@ -472,7 +559,17 @@ class AlignmentMonitor:
     and stores ``cos(ΔY, D)`` for each requested norm, ``D`` being the
     steepest feature direction (:func:`steepest_feature_direction`: −G,
     −msign(G), −sign(G)) — the measurement of the isotropy note, for any
-    optimizer. With several forwards between two steps the last one counts.
+    optimizer.
+
+    ``W_old`` is the weight at the first forward after the previous step. Every
+    forward at those weights counts, their rows stacked (gradient accumulation,
+    a layer used twice); forwards at other weights are ignored: they are the
+    later evaluations of a multi-evaluation closure (``torch.optim.LBFGS``), so
+    the record is the whole step's update against the gradient it started from.
+    A forward whose output gets no gradient is dropped.
+
+    A copy of the model (``copy.deepcopy``, pickling) is not monitored: its
+    copies of the hooks do nothing and hold no reference to the monitor.
 
     ``history[layer][norm]`` is the list of cosines, ``steps[layer]`` the
     optimizer step numbers they belong to; :meth:`summary`, :meth:`table` and
@@ -519,39 +616,40 @@ class AlignmentMonitor:
         self._warned: set[str] = set()
         self._handles: list[Any] = []
         for name, mod in linears.items():
-            self._handles.append(mod.register_forward_hook(self._make_hook(name)))
+            self._handles.append(mod.register_forward_hook(_LayerHook(self, name, mod)))
         if optimizer is not None:
-            self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.record()))
+            self._handles.append(optimizer.register_step_post_hook(_StepHook(self)))
 
-    def _make_hook(self, name: str):
-        def hook(mod: nn.Linear, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-            if not torch.is_grad_enabled() or not out.requires_grad or self.step_count % self.every:
-                return
-            x = inputs[0].detach().reshape(-1, mod.in_features)
-            entry: dict[str, Tensor | None] = {
-                "x": x,
-                "w": mod.weight.detach().clone(),
-                "b": None if mod.bias is None else mod.bias.detach().clone(),
-                "g": None,
-            }
+    def _on_forward(self, name: str, mod: nn.Linear, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+        if not torch.is_grad_enabled() or not out.requires_grad or self.step_count % self.every:
+            return
+        w = mod.weight.detach()
+        b = None if mod.bias is None else mod.bias.detach()
+        entry = self._pending.get(name)
+        if entry is None:
+            entry = {"w": w.clone(), "b": None if b is None else b.clone(), "chunks": []}
             self._pending[name] = entry
+        elif not (torch.equal(w, entry["w"]) and (b is None or torch.equal(b, entry["b"]))):
+            return  # weights moved inside the step (a closure's later evaluation)
+        chunk: dict[str, Tensor | None] = {"x": inputs[0].detach().reshape(-1, mod.in_features), "g": None}
+        entry["chunks"].append(chunk)
 
-            def grad_hook(g: Tensor) -> None:
-                entry["g"] = g.detach().reshape(-1, mod.out_features)
+        def grad_hook(g: Tensor) -> None:
+            g = g.detach().reshape(-1, mod.out_features)
+            chunk["g"] = g if chunk["g"] is None else chunk["g"] + g
 
-            out.register_hook(grad_hook)
-
-        return hook
+        out.register_hook(grad_hook)
 
     @torch.no_grad()
     def record(self) -> None:
         """Compute and store the alignments for the step just taken."""
         for name, entry in self._pending.items():
-            g = entry["g"]
-            if g is None:  # no backward through this layer
+            chunks = [ch for ch in entry["chunks"] if ch["g"] is not None]
+            if not chunks:  # no backward through this layer
                 continue
             mod = self.layers[name]
-            x = entry["x"]
+            x = torch.cat([ch["x"] for ch in chunks])
+            g = torch.cat([ch["g"] for ch in chunks])
             dtype = torch.promote_types(_compute_dtype(x.dtype), _compute_dtype(g.dtype))
             x, g = x.to(dtype), g.to(dtype)
             dW = (mod.weight.detach().to(dtype) - entry["w"].to(dtype))
