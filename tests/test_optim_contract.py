@@ -243,3 +243,76 @@ def test_other_layout_and_corrupt_state_are_refused(name):
     i, k = tensors[0]
     sd["state"][i][k] = sd["state"][i][k].reshape(-1)[:-1].clone()  # wrong shape
     _refused(opt, ps, sd, rf"load_state_dict.*{k}")
+
+
+# ---------------------------------------------------------------------------
+# Conventions the peers follow (each failed before its fix)
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_size_parameters_are_accepted(name):
+    # Muon and SignSGD crashed in _foreach_norm, EGD(simplex=True) in its positivity check
+    ps = _params() + [torch.nn.Parameter(torch.zeros(0, 3, dtype=torch.float64) + 0.5)]
+    opt = _make(name, ps)
+    for t in range(2):
+        opt.zero_grad()
+        (_loss(ps, t) + ps[3].sum()).backward()
+        opt.step()
+    assert ps[3].shape == (0, 3)
+
+
+def test_momentum_cycling_scheduler_reaches_muons_adamw_part():
+    # OneCycleLR writes "momentum" into every group; the AdamW part kept β₁ = 0.9 while
+    # torch.optim.AdamW under the same schedule moved to 0.8688
+    torch.manual_seed(0)
+    v = torch.nn.Parameter(torch.randn(7, dtype=torch.float64))
+    w = torch.nn.Parameter(v.detach().clone())
+    ours = Muon([{"params": [v], "use_muon": False}], adamw_weight_decay=0.0, adamw_lr=1e-2)
+    peer = torch.optim.AdamW([w], lr=1e-2, weight_decay=0.0)
+    s1 = torch.optim.lr_scheduler.OneCycleLR(ours, max_lr=0.05, total_steps=20)
+    s2 = torch.optim.lr_scheduler.OneCycleLR(peer, max_lr=0.05, total_steps=20)
+    for t in range(15):
+        for p, o, s in ((v, ours, s1), (w, peer, s2)):
+            o.zero_grad()
+            ((p - 0.3 * t) ** 2).sum().backward()
+            o.step()
+            s.step()
+    assert peer.param_groups[0]["betas"][0] == pytest.approx(ours.param_groups[0]["momentum"])
+    torch.testing.assert_close(v.detach(), w.detach(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["eg_coordinate", "eg_tensor", "egdd"])
+def test_learned_multipliers_move_in_bfloat16(name):
+    # bf16 slots froze ν and EGDD's scale at exactly 1.0 (exp(0.001) rounds back to 1)
+    def run(dtype):
+        p = torch.nn.Parameter(torch.ones(8, dtype=dtype))
+        opt = {"eg_coordinate": lambda: EGStepSize([p], lr=1e-3, gamma=1e-3),
+               "eg_tensor": lambda: EGStepSize([p], lr=1e-3, gamma=1e-4, granularity="tensor"),
+               "egdd": lambda: EGDD([p], lr=1e-3, momentum=0.9)}[name]()
+        for _ in range(200):
+            p.grad = torch.ones(8, dtype=dtype)  # consistent gradients: the multiplier grows
+            opt.step()
+        st = opt.state[p]
+        return float((st["scale"] if name == "egdd" else st["nu"]).double().mean())
+
+    f32, b16 = run(torch.float32), run(torch.bfloat16)
+    assert f32 > 1.01
+    assert b16 == pytest.approx(f32, rel=1e-3)
+
+
+def test_egd_simplex_in_float16_keeps_the_sum():
+    # entries were floored at finfo(float16).tiny = 6.1e-5 > 1/n: a zero gradient moved the sum to 1.2207
+    n = 20_000
+    w = torch.nn.Parameter(torch.full((n,), 1.0 / n, dtype=torch.float16))
+    opt = EGD([w], lr=0.1, simplex=True)
+    w.grad = torch.zeros(n, dtype=torch.float16)
+    opt.step()
+    assert abs(float(w.detach().double().sum()) - 1.0) < 1e-2
+    assert float(w.detach().min()) > 0
+
+
+def test_nu_before_the_first_step_respects_the_bounds():
+    # EGStepSize(nu_min=2) reported ν = 1 before its first step
+    for gran in ("coordinate", "tensor", "global"):
+        opt = EGStepSize(_params(), lr=0.1, gamma=0.1, granularity=gran, nu_min=2.0)
+        assert opt.nu_stats()[0]["min"] == 2.0
+        assert all(float(torch.as_tensor(v).min()) == 2.0 for v in opt.nus()[0])

@@ -465,12 +465,24 @@ def test_orthogonalize_large_cpu_matrices_one_by_one_equal_msign():
 
 
 @pytest.mark.parametrize("n", [6, int(math.isqrt(1 << 17)) + 8])  # batched, and one by one
-def test_orthogonalize_matrix_below_eps_gets_zero_direction(n):
+def test_orthogonalize_direction_does_not_depend_on_scale(n):
+    # A matrix with ‖X‖_F = 1e-9 used to get a zero direction (eps = 1e-7), so a small constant
+    # gradient never moved the weights; the direction must be that of the matrix at any scale.
     g = torch.Generator().manual_seed(1)
     A, B = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    tiny = B * (1e-9 / float(B.norm()))  # ‖tiny‖_F = 1e-9 ≤ eps
-    out = orthogonalize([A, tiny, A.clone()], eps=1e-7)
-    assert torch.equal(out[1], torch.zeros_like(tiny))
+    tiny = B * (1e-9 / float(B.norm()))
+    out = orthogonalize([A, tiny, A.clone(), torch.zeros(n, n)])
+    torch.testing.assert_close(out[1], linalg.msign(B, schedule="polar_express"), rtol=0, atol=1e-4)
     torch.testing.assert_close(out[0], linalg.msign(A, schedule="polar_express"), rtol=0, atol=1e-5)  # batch rounding
     assert torch.equal(out[0], out[2])
-    assert orthogonalize([tiny], eps=0.0)[0].abs().max() > 0.1  # with eps = 0 it is orthogonalized like any other
+    assert torch.equal(out[3], torch.zeros(n, n))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-7, 1.0, 1e20])
+def test_muon_first_step_is_full_at_any_gradient_scale(scale):
+    # torch.optim.Muon takes a full step (0.141 here) for a 1e-7 gradient; ours used to take none.
+    W = nn.Parameter(torch.zeros(4, 6))
+    G = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    W.grad = G * (scale / float(G.norm()))
+    Muon([W], lr=0.1, schedule="svd").step()
+    torch.testing.assert_close(W.detach(), -0.1 * polar64(G).float(), rtol=0, atol=1e-6)

@@ -31,6 +31,7 @@ Measured speed-ups are in ``docs/results/`` (``steepest bench --only distributed
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,8 +42,10 @@ from torch import Tensor
 __all__ = [
     "SHARD_STRATEGIES",
     "assign_owners",
+    "extrema",
     "finite_mask",
     "finite_mask_sharded",
+    "full_value",
     "is_dtensor",
     "local_part",
     "map_replicated",
@@ -90,6 +93,36 @@ def is_dtensor(t: Any) -> bool:
 def local_part(t: Tensor) -> Tensor:
     """This rank's shard of a DTensor (``to_local()``); a plain tensor is returned as is."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def full_value(t: Tensor) -> Tensor:
+    """The whole value of a DTensor (``full_tensor()``: a collective, every rank must call it), else ``t``.
+
+    For a partial sum (a DTensor reduction) this is the sum over the ranks, so a
+    scalar computed from sharded tensors means the same on every rank.
+    """
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def extrema(t: Tensor) -> tuple[float, float, bool]:
+    """``(min, max, all finite)`` of every entry on every rank (a DTensor's shards, possibly empty).
+
+    An empty tensor (or shard) has min +inf and max −inf. With DTensors this is one
+    all-reduce, the same answer on every rank.
+    """
+    import torch.distributed as dist
+
+    loc = local_part(t).detach()
+    if loc.numel():
+        fin = torch.isfinite(loc).all()
+        vals = torch.stack([-loc.min().double(), loc.max().double(), (~fin).double()])
+    else:
+        vals = torch.tensor([-math.inf, -math.inf, 0.0], dtype=torch.float64, device=loc.device)
+    if is_dtensor(t) and t.device_mesh.size() > 1 and dist.is_initialized():
+        for d in range(t.device_mesh.ndim):
+            dist.all_reduce(vals, op=dist.ReduceOp.MAX, group=t.device_mesh.get_group(d))
+    neg_min, mx, bad = vals.tolist()
+    return -neg_min, mx, bad == 0
 
 
 def _check_row_sharded(m: Tensor) -> None:

@@ -170,15 +170,13 @@ class NSConfig:
 
     ``schedule`` is a :class:`Schedule` or one of :data:`EXACT`; ``steps`` truncates
     or extends it (``None``: its own length); ``dtype`` is the working precision of
-    Newton–Schulz (``None``: the input's, float32 for half inputs); ``eps``: a
-    matrix with ``‖X‖_F ≤ eps`` counts as zero where a caller asks for that
-    (Muon). Hashable, so equal settings share one batched computation.
+    Newton–Schulz (``None``: the input's, float32 for half inputs). Hashable, so
+    equal settings share one batched computation.
     """
 
     schedule: Schedule | str = "accurate"
     steps: int | None = None
     dtype: torch.dtype | None = None
-    eps: float = 0.0
 
     def msign(self, M: Tensor) -> Tensor:
         """``msign(M)`` with these settings (no finiteness check: callers decide)."""
@@ -190,14 +188,13 @@ def resolve_schedule(
     *,
     steps: int | None = None,
     dtype: torch.dtype | None = None,
-    eps: float = 0.0,
 ) -> NSConfig:
     """Check an orthogonalization setting once and return it as an :class:`NSConfig`.
 
     ``schedule``: ``"accurate"``, ``"svd"``, a name in :data:`SCHEDULES`, a
     :class:`Schedule` or a sequence of ``(a, b, c)`` rows; ``steps``: an int in
-    [1, 100) or None; ``dtype``: None or a floating dtype for Newton–Schulz;
-    ``eps`` ≥ 0. An :class:`NSConfig` passes through unchanged. Every mistake is a
+    [1, 100) or None; ``dtype``: None or a floating dtype for Newton–Schulz. An
+    :class:`NSConfig` passes through unchanged. Every mistake is a
     ValueError/TypeError naming the argument.
     """
     if isinstance(schedule, NSConfig):
@@ -208,9 +205,7 @@ def resolve_schedule(
         raise ValueError(f"steps must be an int in [1, 100) or None, got {steps!r}")
     if dtype is not None and dtype not in _NS_DTYPES:
         raise TypeError(f"dtype must be None or one of {_NS_DTYPES}, got {dtype!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    return NSConfig(schedule, steps, dtype, float(eps))
+    return NSConfig(schedule, steps, dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -491,6 +486,10 @@ def _msign_wide(X: Tensor, schedule, steps: int | None, dtype: torch.dtype | Non
         return _msign_exact(X, rtol, svd=schedule == "svd")
     sched = _resolve_schedule(schedule)
     work = dtype if dtype is not None else _work_dtype(X.dtype)
+    if work.itemsize < 4:  # normalize before a half-precision cast, so tiny inputs cannot underflow to zero
+        X = X.to(_work_dtype(X.dtype))
+        n = _frobenius(X)
+        X = X / torch.where(n > 0, n, torch.ones_like(n)).to(X.dtype)
     return _newton_schulz(X.to(work), sched.rows(steps), sched.safety)
 
 

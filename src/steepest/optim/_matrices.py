@@ -102,10 +102,6 @@ def _orthogonalize_local(matrices: list[Tensor], ns: NSConfig) -> list[Tensor]:
         for grp in groups:
             X = torch.stack([matrices[i] for i in grp]) if len(grp) > 1 else matrices[grp[0]].unsqueeze(0)
             O = ns.msign(X)
-            if ns.eps > 0:
-                keep = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) > ns.eps
-                if X.device.type != "cpu" or not bool(keep.all()):  # CPU: skip a pass over O when nothing is dropped
-                    O = O * keep
             for j, i in enumerate(grp):
                 out[i] = O[j]
     return out  # type: ignore[return-value]
@@ -118,7 +114,6 @@ def orthogonalize(
     schedule: Any = "polar_express",
     steps: int | None = None,
     ns_dtype: torch.dtype | None = None,
-    eps: float = 1e-7,
     placement: Placement = LOCAL,
 ) -> list[Tensor]:
     """``msign`` of each matrix (:func:`steepest.linalg.msign`), batching same-shaped ones.
@@ -128,13 +123,14 @@ def orthogonalize(
     build one (``ns_dtype`` is its ``dtype``). Matrices of equal shape, dtype and
     device are stacked into one (k, m, n) batch (on CPU only up to 2¹⁷ entries per
     matrix; larger ones go one by one, which is faster there). ``ns_dtype=None``
-    computes in the matrices' own dtype (float32 for half inputs). A matrix whose
-    Frobenius norm is ≤ ``eps`` is treated as zero and gets a zero direction.
+    computes in the matrices' own dtype (float32 for half inputs). The direction
+    does not depend on the matrix's scale down to the dtype's smallest values;
+    only an exactly zero matrix gets a zero direction (``msign(0) = 0``).
     ``placement`` says where the work runs (:class:`Placement`). Results are in the
     inputs' dtype.
     """
     if ns is None:
-        ns = resolve_schedule(schedule, steps=steps, dtype=ns_dtype, eps=eps)
+        ns = resolve_schedule(schedule, steps=steps, dtype=ns_dtype)
     return placement.map(matrices, lambda mats: _orthogonalize_local(mats, ns))
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_choice, check_flag, check_number, param_name
+from ..distributed import extrema, full_value
 from ._base import SteepestOptimizer, lr_value
 
 __all__ = [
@@ -48,13 +49,35 @@ GRANULARITIES = ("coordinate", "tensor", "global")
 
 
 # --------------------------------------------------------------------------- helpers
+def _slot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Learned multipliers are kept in float32 at least (small EG updates vanish in half precision)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _nu0(group: dict[str, Any]) -> float:
+    """The initial rate: 1, moved into [nu_min, nu_max]."""
+    lo, hi = group["nu_min"], group["nu_max"]
+    nu = 1.0 if lo is None else max(1.0, lo)
+    return nu if hi is None else min(nu, hi)
+
+
+def _smallest(dtype: torch.dtype) -> float:
+    """The smallest positive value of ``dtype`` (a subnormal): the floor that keeps a positive entry positive.
+
+    ``finfo.tiny`` (the smallest normal) is too coarse a floor in half precision: 6.1e-5
+    in float16, above 1/n for n > 16384 entries on the simplex.
+    """
+    info = torch.finfo(dtype)
+    return float(info.tiny) * float(info.eps)
+
+
 def _limits(dtype: torch.dtype) -> tuple[float, float, float]:
     info = torch.finfo(dtype)
-    return float(info.tiny), float(info.max), math.log(float(info.max))
+    return _smallest(dtype), float(info.max), math.log(float(info.max))
 
 
 def _exp_scale(x: Tensor, log_factor: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
-    """``x * exp(log_factor)`` for x >= 0, saturating in [tiny, max] of the dtype.
+    """``x * exp(log_factor)`` for x >= 0, saturating in [smallest positive, max] of the dtype.
 
     Positive entries never overflow to inf nor underflow to an exact (and then
     permanent) zero; exact zeros stay exactly zero.
@@ -88,7 +111,7 @@ def egd_step(param: Tensor, grad: Tensor, *, lr: float, simplex: bool = False) -
 
     Exact zeros stay zero forever (0 · e^x = 0): start from strictly positive
     values unless a coordinate is meant to be switched off. Positive entries are
-    kept within ``[finfo.tiny, finfo.max]``: a huge ``lr·g`` saturates instead of
+    kept within [smallest positive value, ``finfo.max``]: a huge ``lr·g`` saturates instead of
     overflowing to inf or underflowing to a permanent zero. ``param`` must be
     non-negative (checked by :class:`EGD`, not here).
     """
@@ -97,14 +120,15 @@ def egd_step(param: Tensor, grad: Tensor, *, lr: float, simplex: bool = False) -
     param, z = param.to(cd), -lr * grad.to(cd)
     if not simplex:
         return _exp_scale(param, z, out_dtype)
+    if param.numel() == 0:
+        return param.to(out_dtype)
     pos = param > 0
     if not bool(pos.any()):
         raise ValueError("simplex=True needs at least one positive entry per tensor")
     zmax = torch.where(pos, z, torch.full_like(z, -math.inf)).max()
     w = _exp_scale(param / param.sum(), torch.where(pos, z - zmax, torch.zeros_like(z)))
     w = w / w.sum()
-    tiny = torch.finfo(out_dtype).tiny
-    return torch.where(pos, w.clamp(min=tiny), w).to(out_dtype)
+    return torch.where(pos, w.clamp(min=_smallest(out_dtype)), w).to(out_dtype)
 
 
 class EGD(SteepestOptimizer):
@@ -144,15 +168,15 @@ class EGD(SteepestOptimizer):
         name = param_name(group, gi, i, p)
         if not p.is_floating_point():
             raise TypeError(f"EGD needs floating-point parameters; {name} has dtype {p.dtype}")
-        with torch.no_grad():
-            if not bool(torch.isfinite(p).all()):
-                raise ValueError(f"EGD parameter {name} has NaN/Inf entries")
-            if p.numel() and float(p.min()) < 0:
-                raise ValueError(
-                    f"EGD parameter {name} has negative entries (min {float(p.min()):.3g}); "
-                    "exponentiated gradient keeps parameters >= 0 and cannot start below 0 — "
-                    "initialize it non-negative (e.g. .abs_() or .clamp_(min=0))")
-            if group["simplex"] and p.numel() and float(p.max()) <= 0:
+        lo, hi, finite = extrema(p)  # over all ranks' shards (FSDP2), empty ones included
+        if not finite:
+            raise ValueError(f"EGD parameter {name} has NaN/Inf entries")
+        if lo < 0:
+            raise ValueError(
+                f"EGD parameter {name} has negative entries (min {lo:.3g}); "
+                "exponentiated gradient keeps parameters >= 0 and cannot start below 0 — "
+                "initialize it non-negative (e.g. .abs_() or .clamp_(min=0))")
+        if group["simplex"] and p.numel() and hi <= 0:
                 raise ValueError(f"EGD parameter {name} is all zeros but simplex=True needs a positive entry")
 
     @torch.no_grad()
@@ -189,9 +213,10 @@ def eg_nu_update(nus: Sequence[Tensor], prev_grads: Sequence[Tensor], grads: Seq
     lo = -math.inf if nu_min is None else nu_min
     hi = math.inf if nu_max is None else nu_max
     if granularity == "coordinate":
-        out = [_exp_scale(nu, gamma * gp * g) for nu, gp, g in zip(nus, prev_grads, grads, strict=True)]
+        out = [_exp_scale(nu, gamma * gp.to(nu.dtype) * g.to(nu.dtype))
+               for nu, gp, g in zip(nus, prev_grads, grads, strict=True)]
     elif granularity == "tensor":
-        out = [_exp_scale(nu, gamma * torch.sum(gp * g).to(nu.dtype))
+        out = [_exp_scale(nu, gamma * torch.sum(gp.to(nu.dtype) * g.to(nu.dtype)))
                for nu, gp, g in zip(nus, prev_grads, grads, strict=True)]
     else:
         if len(nus) != 1:
@@ -210,7 +235,7 @@ def eg_step_size_step(params: Sequence[Tensor], grads: Sequence[Tensor], nus: Se
     """``θ_{t+1} = θ_t − lr · ν_{t+1} ⊙ g_t`` (the EG note); a single ν (global) is shared by all tensors."""
     if len(nus) == 1 and len(params) != 1:
         nus = [nus[0]] * len(params)
-    return [p - lr * nu.to(p.dtype) * g for p, g, nu in zip(params, grads, nus, strict=True)]
+    return [p - (lr * nu * g).to(p.dtype) for p, g, nu in zip(params, grads, nus, strict=True)]
 
 
 class EGStepSize(SteepestOptimizer):
@@ -264,7 +289,7 @@ class EGStepSize(SteepestOptimizer):
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"nu_min must be <= nu_max, got nu_min={lo}, nu_max={hi}")
         if group["granularity"] == "global":
-            group.setdefault("nu", min(max(1.0, lo or 1.0), hi or 1.0))
+            group.setdefault("nu", _nu0(group))
         group.setdefault("step", 0)
 
     def _check_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
@@ -278,11 +303,12 @@ class EGStepSize(SteepestOptimizer):
         st = self.state[p]
         if "prev_grad" not in st:
             st["prev_grad"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            nu0 = min(max(1.0, group["nu_min"] or 1.0), group["nu_max"] or 1.0)
+            nu0 = _nu0(group)
+            slot = _slot_dtype(p.dtype)  # exp(γ·small) must not round back to 1 in bf16/fp16
             if group["granularity"] == "coordinate":
-                st["nu"] = torch.full_like(p, nu0, memory_format=torch.preserve_format)
+                st["nu"] = torch.full_like(p, nu0, dtype=slot, memory_format=torch.preserve_format)
             elif group["granularity"] == "tensor":
-                st["nu"] = torch.tensor(nu0, dtype=p.dtype, device=p.device)
+                st["nu"] = torch.tensor(nu0, dtype=slot, device=p.device)
         return st
 
     @torch.no_grad()
@@ -324,7 +350,7 @@ class EGStepSize(SteepestOptimizer):
             if group["granularity"] == "global":
                 out.append([group["nu"]] * len(group["params"]))
             else:
-                out.append([self.state[p]["nu"] if "nu" in self.state[p] else 1.0 for p in group["params"]])
+                out.append([self.state[p]["nu"] if "nu" in self.state[p] else _nu0(group) for p in group["params"]])
         return out
 
     def nu_stats(self) -> list[dict[str, float]]:
@@ -336,7 +362,8 @@ class EGStepSize(SteepestOptimizer):
                 n = p.numel()
                 if n == 0:
                     continue
-                t = torch.as_tensor(nu, dtype=torch.float64).detach().double()
+                # FSDP2: a coordinate ν is sharded like its parameter; the statistics are over the whole tensor
+                t = torch.as_tensor(full_value(nu) if isinstance(nu, Tensor) else nu, dtype=torch.float64).detach()
                 w = n // t.numel()  # a scalar rate stands for all n coordinates
                 n_tot += n
                 s += w * float(t.sum())
@@ -379,6 +406,8 @@ def egdd_step(param: Tensor, grad: Tensor, momentum_buf: Tensor, gbar: Tensor, g
     EG updates of the gain and scale (Kivinen & Warmuth 1997) as in Amid, Anil,
     Fifty, Warmuth 2022; it reproduces the values of Lingvo's own unit test.
     """
+    cd = _slot_dtype(param.dtype)  # half-precision inputs: the small EG exponents are computed in float32
+    param, grad, momentum_buf, gbar = param.to(cd), grad.to(cd), momentum_buf.to(cd), gbar.to(cd)
     if use_directions:
         gn = grad / (torch.linalg.vector_norm(grad) + 1e-10)
         mn = momentum_buf / (torch.linalg.vector_norm(momentum_buf) + 1e-10)
@@ -461,8 +490,9 @@ class EGDD(SteepestOptimizer):
                     st["step"] = 0
                     st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["gbar"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["gain"] = torch.ones_like(p, memory_format=torch.preserve_format)
-                    st["scale"] = torch.ones((), dtype=p.dtype, device=p.device)
+                    slot = _slot_dtype(p.dtype)  # Lingvo keeps its learned scale in float32 whatever the variable
+                    st["gain"] = torch.ones_like(p, dtype=slot, memory_format=torch.preserve_format)
+                    st["scale"] = torch.ones((), dtype=slot, device=p.device)
                 st["step"] += 1
                 new = egdd_step(p, g, st["momentum_buffer"], st["gbar"], st["gain"], st["scale"], st["step"],
                                 **hyper)
@@ -484,7 +514,8 @@ def sgd_hd_step(params: Sequence[Tensor], grads: Sequence[Tensor], prev_grads: S
     ``θ ← θ − α_t g_t``. Returns the new params and α_t. α is additive and may
     become negative, as in the paper.
     """
-    dot = sum(float(torch.sum(gp.double() * g.double())) for gp, g in zip(prev_grads, grads, strict=True))
+    # FSDP2: the sum over a sharded tensor is a partial DTensor; full_value reduces it over the ranks
+    dot = sum(float(full_value(torch.sum(gp.double() * g.double()))) for gp, g in zip(prev_grads, grads, strict=True))
     new_lr = lr + hypergrad_lr * dot
     return [p - new_lr * g for p, g in zip(params, grads, strict=True)], new_lr
 

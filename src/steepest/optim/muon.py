@@ -51,7 +51,7 @@ __all__ = [
 KELLER_JORDAN: tuple[float, float, float] = SCHEDULES["muon"].coeffs[0]
 _ADJUST = ("original", "match_rms_adamw", "spectral", "none")
 #: Muon's default orthogonalization: five Polar Express steps in the gradient's dtype.
-DEFAULT_NS = resolve_schedule("polar_express", eps=1e-7)
+DEFAULT_NS = resolve_schedule("polar_express")
 
 AdjustLR = str | Callable[[int, int], float] | None
 
@@ -298,8 +298,11 @@ class Muon(SteepestOptimizer):
         nesterov: use the Nesterov look-ahead (default True).
         ns_coefficients: one (a, b, c) row repeated ``ns_steps`` times (default 5):
             torch.optim.Muon's rule. Exclusive with ``schedule``.
-        eps: a Newton–Schulz input with ‖X‖_F ≤ eps gets a zero direction
-            (default 1e-7, torch's).
+        eps: accepted for torch.optim.Muon compatibility (default 1e-7; torch
+            divides by max(‖X‖_F, eps), which shrinks the step of gradients below
+            eps). steepest normalizes exactly, so the direction does not depend on
+            the gradient's scale down to the dtype's range; only an exactly zero
+            matrix gets a zero direction.
         ns_steps: number of Newton–Schulz steps, an int in [1, 100) (default: the
             schedule's own length, 5 for Polar Express).
         adjust_lr_fn: the per-matrix scale s: ``None``/``"original"`` √max(1, A/B),
@@ -474,7 +477,11 @@ class Muon(SteepestOptimizer):
             ms.append(st["exp_avg"])
             vs.append(st["exp_avg_sq"])
             ts.append(st["step"])
-        adamw_step(ps, gs, ms, vs, ts, lr=lr_value(group["lr"]), betas=tuple(group["betas"]),  # type: ignore[arg-type]
+        beta1, beta2 = group["betas"]
+        # Momentum-cycling schedulers (OneCycleLR, CyclicLR) write "momentum" into every group of an
+        # optimizer whose defaults have it: for AdamW that is β₁, as it is for torch.optim.AdamW's betas.
+        beta1 = group.get("momentum", beta1)
+        adamw_step(ps, gs, ms, vs, ts, lr=lr_value(group["lr"]), betas=(float(beta1), float(beta2)),
                    eps=float(group["eps"]), weight_decay=float(group["weight_decay"]))
 
 
@@ -492,9 +499,9 @@ def ns_config(group: dict[str, Any]) -> NSConfig:
     coeffs, steps = group["ns_coefficients"], group["ns_steps"]
     if coeffs is not None:
         rows = [tuple(coeffs)] * (5 if steps is None else int(steps))
-        return resolve_schedule(rows, dtype=group["ns_dtype"], eps=float(group["eps"]))
+        return resolve_schedule(rows, dtype=group["ns_dtype"])
     schedule = "polar_express" if group["schedule"] is None else group["schedule"]
-    return resolve_schedule(schedule, steps=steps, dtype=group["ns_dtype"], eps=float(group["eps"]))
+    return resolve_schedule(schedule, steps=steps, dtype=group["ns_dtype"])
 
 
 def _check_muon(g: dict[str, Any]) -> None:
@@ -535,3 +542,5 @@ def _check_adamw(g: dict[str, Any]) -> None:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {g['betas']!r}")
     for i, b in enumerate(betas):
         check_number(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True)
+    if "momentum" in g:  # written by a momentum-cycling scheduler: β₁
+        check_number("momentum", g["momentum"], low=0.0, high=1.0, high_open=True)

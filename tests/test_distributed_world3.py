@@ -1,0 +1,167 @@
+"""World size 3 on gloo: dimensions not divisible by the world, a rank holding 0 rows, NaN in one shard.
+
+Every optimizer under FSDP2 and DDP must equal the one-process run on the
+concatenated batch (1e-5, float64), and a decision that depends on data (the
+non-finite check, a learned rate, a positivity check) must be the same on every
+rank. Each case failed before its fix: EGStepSize/EGDD checked NaN only in their
+own shard (half-stepped tensors, deadlocks), HypergradientSGD learned a different
+lr on each rank, EGD's check crashed on an empty shard, nu_stats() raised or
+returned per-rank partial values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from steepest.optim import EGD, EGDD, EGStepSize, HypergradientSGD, Muon, NonFiniteGradientError, muon_param_groups
+from steepest.testing import launch
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+WORLD, STEPS, BATCH, TIMEOUT = 3, 3, 6, 180.0
+NAMES = ("muon_a2a", "muon_gather", "muon_ball", "eg_coordinate", "eg_tensor", "eg_global", "egdd",
+         "hypergradient", "egd")
+
+
+def _model() -> nn.Module:
+    # 7 rows split 3/2/2, 5 rows 2/2/1, 2 rows 1/1/0: rank 2 holds no row of the last weight
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+
+
+def _optimizer(name: str, params, **kw) -> torch.optim.Optimizer:
+    params = list(params)
+    if name.startswith("muon"):
+        strategy = "all_gather" if name == "muon_gather" else "all_to_all"
+        ball = 0.6 if name == "muon_ball" else None
+        groups = [{"params": [p for p in params if p.ndim == 2], "use_muon": True},
+                  {"params": [p for p in params if p.ndim < 2], "use_muon": False}]
+        return Muon(groups, lr=0.05, adamw_lr=0.01, max_spectral_norm=ball, shard_strategy=strategy, **kw)
+    return {
+        "eg_coordinate": lambda: EGStepSize(params, lr=0.05, gamma=5.0, **kw),
+        "eg_tensor": lambda: EGStepSize(params, lr=0.05, gamma=5.0, granularity="tensor", **kw),
+        "eg_global": lambda: EGStepSize(params, lr=0.05, gamma=5.0, granularity="global", **kw),
+        "egdd": lambda: EGDD(params, lr=0.05, momentum=0.9, gain_lr=0.05, scale_lr=0.05, **kw),
+        "hypergradient": lambda: HypergradientSGD(params, lr=0.05, hypergrad_lr=0.01, **kw),
+        "egd": lambda: EGD(params, lr=0.05, **kw),
+    }[name]()
+
+
+def _prepare(model: nn.Module, name: str) -> nn.Module:
+    if name == "egd":  # EGD needs θ ≥ 0
+        with torch.no_grad():
+            for p in model.parameters():
+                p.abs_()
+    return model
+
+
+def _train(model: nn.Module, opt, rank: int, world: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(STEPS, BATCH, 4, generator=g, dtype=torch.float64)
+    Y = torch.randn(STEPS, BATCH, 2, generator=g, dtype=torch.float64)
+    b = BATCH // world
+    for t in range(STEPS):
+        opt.zero_grad()
+        ((model(X[t, rank * b:(rank + 1) * b]) - Y[t, rank * b:(rank + 1) * b]) ** 2).mean().backward()
+        opt.step()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+
+
+def _fsdp(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def _extras(name: str, opt) -> dict:
+    out = {}
+    if name.startswith("eg_"):
+        out["nu_stats"] = opt.nu_stats()
+    if name == "hypergradient":
+        out["lr"] = [g["lr"] for g in opt.param_groups]
+    return out
+
+
+def _worker(rank: int, world: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel
+
+    out: dict = {}
+    for name in NAMES:
+        model = _fsdp(_prepare(_model(), name))
+        opt = _optimizer(name, model.parameters())
+        _train(model, opt, rank, world)
+        out[f"fsdp-{name}"] = ([_full(p) for p in model.parameters()], _extras(name, opt))
+    model = DistributedDataParallel(_model())
+    opt = _optimizer("muon_ball", model.module.parameters(), ddp_strategy="partition")
+    _train(model, opt, rank, world)
+    out["ddp-muon_ball"] = ([_full(p) for p in model.module.parameters()], {})
+    # NaN only in rank 2's rows of one gradient: every rank must refuse (raise) or skip together
+    for name in ("eg_coordinate", "eg_tensor", "egdd", "muon_a2a"):
+        for policy in ("raise", "skip"):
+            model = _fsdp(_model())
+            opt = _optimizer(name, model.parameters(), nonfinite=policy)
+            before = [_full(p) for p in model.parameters()]
+            opt.zero_grad()
+            model(torch.ones(2, 4, dtype=torch.float64)).sum().backward()
+            w = model[0].weight.grad
+            if rank == 2:
+                w.to_local()[0, 0] = float("nan")
+            try:
+                if policy == "skip":
+                    import warnings
+
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        opt.step()
+                else:
+                    opt.step()
+                outcome = "stepped"
+            except NonFiniteGradientError:
+                outcome = "raised"
+            after = [_full(p) for p in model.parameters()]
+            out[f"nan-{name}-{policy}"] = (outcome, torch.equal(before[0], after[0]),
+                                           any(not torch.equal(a, b) for a, b in zip(before[1:], after[1:])))
+    return out
+
+
+def _reference(name: str, ddp_partition: bool = False) -> tuple[list[torch.Tensor], dict]:
+    model = _prepare(_model(), name)
+    opt = _optimizer(name, model.parameters())
+    _train(model, opt, 0, 1)
+    return [p.detach().clone() for p in model.parameters()], _extras(name, opt)
+
+
+def test_world_three_equals_one_process_and_decides_once():
+    res = launch(_worker, WORLD, timeout=TIMEOUT)
+    for key in [f"fsdp-{n}" for n in NAMES] + ["ddp-muon_ball"]:
+        name = key.split("-", 1)[1]
+        want, want_extra = _reference(name)
+        for r in range(WORLD):
+            got, extra = res[r][key]
+            for i, (a, b) in enumerate(zip(got, want)):
+                err = float((a - b).abs().max())
+                assert err < 1e-5, f"{key} rank {r} parameter {i}: {err:.3g} from the one-process run"
+            if "lr" in want_extra:
+                assert extra["lr"] == pytest.approx(want_extra["lr"], rel=1e-9), f"{key} rank {r}"
+            if "nu_stats" in want_extra:
+                for a, b in zip(extra["nu_stats"], want_extra["nu_stats"]):
+                    for k in ("min", "max", "mean", "geo_mean"):
+                        assert math.isclose(a[k], b[k], rel_tol=1e-9), (key, r, k, a, b)
+    for name in ("eg_coordinate", "eg_tensor", "egdd", "muon_a2a"):
+        outcomes = [res[r][f"nan-{name}-raise"] for r in range(WORLD)]
+        assert all(o == ("raised", True, False) for o in outcomes), (name, outcomes)
+        outcomes = [res[r][f"nan-{name}-skip"] for r in range(WORLD)]
+        assert all(o[0] == "stepped" and o[1] and o[2] for o in outcomes), (name, outcomes)
