@@ -583,3 +583,102 @@ def test_temperature_property_keeps_a_gradient_outside_the_range():
     assert t.item() == pytest.approx(0.5)
     t.backward()
     assert m.log_temperature.grad.item() == pytest.approx(0.5)  # ∂τ/∂log τ = τ, straight through
+
+
+# ----------------------------------------------------------------------------- found by the fuzz battery
+def test_mean_over_no_rows_is_an_error_not_nan():
+    empty = torch.zeros(0, 3)
+    t = torch.zeros(0, dtype=torch.long)
+    for fn in (info_nce, flat_nce):
+        with pytest.raises(ValueError, match="B = 0"):
+            fn(empty, t)
+        assert fn(empty, t, "sum").item() == 0.0 and fn(empty, t, "none").shape == (0,)
+    with pytest.raises(ValueError, match="B = 0"):
+        nce_diagnostics(empty, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_xi_keeps_its_digits_when_the_scores_are_large(dtype):
+    # K equal scores: InfoNCE = log K exactly; the logsumexp at 1e30 used to round log K away
+    for big in (1e3, 1e30):
+        x = torch.full((1, 5), big, dtype=dtype)
+        t = torch.tensor([0])
+        assert info_nce(x, t).item() == pytest.approx(math.log(5), rel=1e-6)
+        assert flat_nce(x, t).item() == pytest.approx(math.log(4), rel=1e-6)
+    # a shift of 1e3 in float32: the plain form was off by ~1e-5 absolute
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2, 3])
+    x = (s + 1e3).to(dtype)
+    ref = info_nce(x.double() - 1e3, t, "none")  # the same rounded scores, shifted back exactly in float64
+    torch.testing.assert_close(info_nce(x, t, "none").double(), ref, rtol=1e-6, atol=0)
+
+
+def test_flat_nce_info_nce_value_is_exact_at_tiny_xi():
+    x = torch.tensor([[0.0, -25.8]])  # ξ = e^{-25.8} ≈ 6e-12
+    v = flat_nce(x, torch.tensor([0]), value="info_nce").item()
+    assert v == pytest.approx(math.log1p(math.exp(-25.8)), rel=1e-6)  # was 0: log ξ + (softplus − log ξ) cancelled
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-13, 1e20, 1e30])
+def test_pair_logits_normalise_tiny_and_huge_embeddings(scale):
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    ref, _ = pair_logits(z1, z2, 0.5)
+    logits, _ = pair_logits((z1 * scale).float(), (z2 * scale).float(), 0.5)
+    torch.testing.assert_close(logits.double(), ref, rtol=0, atol=1e-5)
+
+
+def test_zero_embedding_scores_zero_and_gets_no_gradient():
+    z1 = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    z2 = torch.tensor([[1.0, 1.0], [1.0, 0.1], [0.3, 2.0]], requires_grad=True)
+    logits, _ = pair_logits(z1, z2, 0.1)
+    assert torch.equal(logits[0], torch.zeros(5)) and torch.equal(logits[:, 0][1:3], torch.zeros(2))
+    info_nce_pairs(z1, z2, 0.1).backward()
+    assert torch.equal(z1.grad[0], torch.zeros(2))  # F.normalize's 1e12-scaled gradient at 0 overflowed
+    assert torch.isfinite(z2.grad).all() and z1.grad[1:].abs().sum() > 0
+
+
+def test_temperature_too_small_for_the_compute_dtype_is_refused():
+    z = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="temperature .* too small"):
+        pair_logits(z, z, 1e-39)  # 1/τ overflows float32: the logits were inf
+    assert torch.isfinite(pair_logits(z.double(), z.double(), 1e-39)[0]).all()
+    with pytest.raises(ValueError, match="temperature .* too small"):
+        InfoNCELoss(1e-320)
+
+
+def test_argument_errors_name_the_argument():
+    with pytest.raises(ValueError, match="temperature_range"):
+        InfoNCELoss(0.1, learnable_temperature=True, temperature_range="ab")
+    with pytest.raises(ValueError, match="temperature_range"):
+        InfoNCELoss(0.1, learnable_temperature=True, temperature_range=(0.1,))
+    with pytest.raises(TypeError, match="learnable_temperature"):
+        InfoNCELoss(0.1, learnable_temperature="yes")
+    with pytest.raises(TypeError, match="gather_distributed"):
+        FlatNCELoss(0.1, gather_distributed=1)
+    x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(TypeError, match="quantiles"):
+        nce_diagnostics(x, t, quantiles=("a",))
+    with pytest.raises(TypeError, match="quantiles"):
+        nce_diagnostics(x, t, quantiles=None)
+    with pytest.raises(TypeError, match="xi_threshold"):
+        nce_diagnostics(x, t, xi_threshold="a")
+    with pytest.raises(TypeError, match="logits"):
+        nce_diagnostics([[0.0, 1.0]], t)
+
+
+def test_explicit_half_dtype_evaluates_the_textbook_form_for_round_off_studies():
+    # dtype=bfloat16 is the low-precision study mode: InfoNCE as F.cross_entropy computes it in bf16,
+    # so the positive's gradient is exactly 0 once ξ < 2^-8 (what the FlatNCE note is about)
+    x = torch.tensor([[0.0, -7.0], [0.0, -1.0]], requires_grad=True)  # ξ = e^-7 ≈ 2^-10, e^-1
+    t = torch.tensor([0, 0])
+    info_nce(x, t, "sum", dtype=torch.bfloat16).backward()
+    y = x.detach().bfloat16().requires_grad_(True)
+    F.cross_entropy(y, t, reduction="sum").backward()
+    assert x.grad[0, 0].item() == 0.0 and y.grad[0, 0].item() == 0.0
+    assert x.grad[1, 0].item() == pytest.approx(y.grad[1, 0].float().item(), rel=1e-2)
+    # the default float32 compute keeps the gradient
+    x.grad = None
+    info_nce(x, t, "sum").backward()
+    assert x.grad[0, 0].item() == pytest.approx(-math.exp(-7) / (1 + math.exp(-7)), rel=1e-6)

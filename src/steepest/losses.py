@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._validate import check_flag, check_number
+
 __all__ = [
     "info_nce",
     "flat_nce",
@@ -80,16 +82,23 @@ def _compute_dtype(x: Tensor, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def _check_reduction(reduction: str) -> None:
-    if reduction not in _REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
 
 
 def _reduce(x: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
+        if x.numel() == 0:  # torch would return NaN
+            raise ValueError("logits has no rows (B = 0): the mean over no anchors is undefined; use reduction='sum'")
         return x.mean()
     if reduction == "sum":
         return x.sum()
     return x
+
+
+def _check_value(value: Any) -> None:
+    if not isinstance(value, str) or value not in _VALUES:
+        raise ValueError(f"value must be one of {_VALUES}, got {value!r}")
 
 
 def _check_logits(logits: Any) -> None:
@@ -144,21 +153,36 @@ def _softplus(x: Tensor) -> Tensor:
     return -F.logsigmoid(-x)
 
 
-def _terms(
+def _log_xi(
     logits: Tensor, target: Tensor | None, positive_mask: Tensor | None, dtype: torch.dtype | None
-) -> tuple[Tensor, Tensor]:
-    """Per anchor: ``pos`` = s_t (or logsumexp over positives) and ``lse_neg``, in the compute dtype."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per anchor ``log ξ`` in the compute dtype, with the scores ``x`` and positives ``mask`` it came from.
+
+    Scores are shifted by a positive before the logsumexp, so its rounding is
+    relative to log ξ rather than to |s| (at s ≈ 1e3 in float32 the plain form
+    was off by ~1e-5 absolute, at 1e30 by everything).
+    """
     _check_logits(logits)
     target, mask = _positive_mask(logits, target, positive_mask)
     cd = _compute_dtype(logits, dtype)
     with torch.autocast(device_type=logits.device.type, enabled=False):
         x = logits.to(cd)
         if target is not None:
-            pos = x.gather(1, target[:, None]).squeeze(1)
+            d = x - x.gather(1, target[:, None])  # exactly 0 at the positive
+            log_xi = torch.logsumexp(d.masked_fill(mask, -math.inf), dim=1)
         else:
-            pos = torch.logsumexp(x.masked_fill(~mask, -math.inf), dim=1)
-        lse_neg = torch.logsumexp(x.masked_fill(mask, -math.inf), dim=1)
-    return pos, lse_neg
+            r = x.detach().masked_fill(~mask, -math.inf).amax(1, keepdim=True)
+            d = x - r
+            log_xi = torch.logsumexp(d.masked_fill(mask, -math.inf), dim=1) - torch.logsumexp(
+                d.masked_fill(~mask, -math.inf), dim=1
+            )
+    return log_xi, x, mask
+
+
+def _textbook_terms(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(logsumexp over positives, over negatives, over all)`` evaluated plainly in x's dtype."""
+    pos = torch.logsumexp(x.masked_fill(~mask, -math.inf), dim=1)
+    return pos, torch.logsumexp(x.masked_fill(mask, -math.inf), dim=1), torch.logsumexp(x, dim=1)
 
 
 # --------------------------------------------------------------------------- logits API
@@ -187,24 +211,34 @@ def info_nce(
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``.
         positive_mask: alternative to ``target``.
         dtype: compute dtype; default float32 for float16/bfloat16 inputs, else the
-            input's dtype. Autocast is disabled inside. Pass a half dtype only to
-            study low-precision effects.
+            input's dtype. Autocast is disabled inside. A half dtype (float16,
+            bfloat16) is for studying round-off: it evaluates the textbook
+            ``logsumexp_i s_i − s_t`` in that dtype, as ``F.cross_entropy`` does,
+            so the positive's gradient rounds to 0 once ξ is below its unit roundoff.
 
     Returns:
         The loss in the compute dtype (per row for ``reduction="none"``).
+        ``reduction="mean"`` over B = 0 rows is a ``ValueError`` (not NaN).
 
-    Precision: computed as ``softplus(log ξ)`` with ``log ξ = logsumexp_{i≠t} s_i − s_t``,
-    so value and gradient keep the relative precision of ξ: in float32 the
-    gradient is within 1e-5 (relative, elementwise) of the float64 gradient of the
-    same scores for ξ from 1e-12 up, and never less precise than
-    ``F.cross_entropy``'s. ``F.cross_entropy`` itself rounds the positive's
-    gradient ``−ξ/(1 + ξ)`` to zero below ξ ≈ 6e-8.
+    Precision (float32 and float64 compute): computed as ``softplus(log ξ)`` with
+    ``log ξ = logsumexp_{i≠t}(s_i − s_t)``, so value and gradient keep the relative
+    precision of ξ, whatever the size of the scores: with u the unit roundoff,
+    ``|Δ log ξ| ≲ 32u(1 + |log ξ| + log K)``, the value is off by at most that times
+    ``σ(log ξ)`` and each gradient entry g by that plus ``32u·|log|g||`` relative
+    (tested over scores 1e-30…1e30). In float32 the gradient stays within 1e-5
+    of the float64 gradient of the same scores for ξ down to 1e-12 and is never less
+    precise than ``F.cross_entropy``'s, which rounds the positive's gradient
+    ``−ξ/(1 + ξ)`` to zero below ξ ≈ 6e-8. Values beyond the compute dtype's
+    range overflow to inf.
     """
     _check_reduction(reduction)
-    pos, lse_neg = _terms(logits, target, positive_mask, dtype)
+    log_xi, x, mask = _log_xi(logits, target, positive_mask, dtype)
+    if x.dtype in _HALF:
+        pos, _, lse_all = _textbook_terms(x, mask)
+        return _reduce(lse_all - pos, reduction)
     # log(1 + ξ) from log ξ: ``logsumexp_i s_i − s_t`` rounds the logsumexp to the
     # spacing of |s| and loses ξ below it; here ∂/∂s_t = −σ(log ξ) keeps ξ's digits
-    return _reduce(_softplus(lse_neg - pos), reduction)
+    return _reduce(_softplus(log_xi), reduction)
 
 
 def flat_nce(
@@ -227,18 +261,22 @@ def flat_nce(
 
     * ``"log_xi"`` (default): ``log ξ``; can be negative (the FlatNCE note: "that is normal").
     * ``"info_nce"``: the InfoNCE value ``log(1 + ξ)``, for monitoring — computed as
-      ``log ξ + sg(log(1 + ξ) − log ξ)``.
+      ``sg(log(1 + ξ)) + log ξ − sg(log ξ)``.
     * ``"xi_over_sg"``: the paper's form ``exp(log ξ − sg(log ξ))``, value 1.
 
     Args are those of :func:`info_nce`; K ≥ 2 (at least one negative) is required.
+    Precision as for :func:`info_nce`: ``|Δ log ξ| ≲ 32u(1 + |log ξ| + log K)``; a
+    half ``dtype`` evaluates the textbook ``logsumexp_{i≠t} s_i − s_t`` in that dtype.
     """
     _check_reduction(reduction)
-    if value not in _VALUES:
-        raise ValueError(f"value must be one of {_VALUES}, got {value!r}")
-    pos, lse_neg = _terms(logits, target, positive_mask, dtype)
-    log_xi = lse_neg - pos
+    _check_value(value)
+    log_xi, x, mask = _log_xi(logits, target, positive_mask, dtype)
+    if x.dtype in _HALF:
+        pos, lse_neg, _ = _textbook_terms(x, mask)
+        log_xi = lse_neg - pos
     if value == "info_nce":
-        out = log_xi + (_softplus(log_xi) - log_xi).detach()
+        # value softplus(log ξ) exactly (adding sg(softplus − log ξ) to log ξ cancelled at tiny ξ)
+        out = _softplus(log_xi).detach() + (log_xi - log_xi.detach())
     elif value == "xi_over_sg":
         out = torch.exp(log_xi - log_xi.detach())
     else:
@@ -262,16 +300,39 @@ def _check_pair(z1: Any, z2: Any) -> None:
             raise ValueError(f"{name} contains NaN or Inf")
 
 
-def _check_temperature(temperature: float | Tensor) -> None:
+def _check_temperature(temperature: float | Tensor, cd: torch.dtype | None = None) -> float:
     t = temperature
     if isinstance(t, Tensor):
         if t.numel() != 1:
             raise ValueError(f"temperature must be a scalar, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"temperature must be a positive float or floating scalar tensor, got dtype {t.dtype}")
         t = float(t.detach())
     if isinstance(t, bool) or not isinstance(t, (int, float)):
         raise TypeError(f"temperature must be a positive float or scalar tensor, got {type(temperature).__name__}")
     if not math.isfinite(t) or t <= 0:
         raise ValueError(f"temperature must be positive and finite, got {t}")
+    # cosines lie in [-1, 1]: the logits are finite iff 1/τ is
+    if cd is not None and not 1.0 / t <= torch.finfo(cd).max:
+        raise ValueError(
+            f"temperature {t:.3g} is too small for {cd}: the logits cos/temperature overflow; "
+            "use a larger temperature or dtype=torch.float64"
+        )
+    return float(t)
+
+
+def _unit_rows(z: Tensor) -> Tensor:
+    """Rows scaled to unit length; zero rows stay zero (cosine 0 with everything, gradient 0).
+
+    Dividing by the row's largest entry first keeps the norm in range:
+    ``F.normalize`` alone overflows above ~1e19 in float32 and, below its 1e-12
+    floor, returns rows shorter than 1. At a zero row it has gradient 1e12·(…),
+    which overflows; a zero row has no direction, so it gets none.
+    """
+    m = z.detach().abs().amax(dim=1, keepdim=True)
+    nonzero = m > 0
+    h = F.normalize(z / torch.where(nonzero, m, torch.ones_like(m)), dim=1)
+    return torch.where(nonzero, h, torch.zeros_like(h))
 
 
 def _world() -> tuple[int, int]:
@@ -349,7 +410,8 @@ def pair_logits(
     SimCLR: Chen, Kornblith, Norouzi, Hinton, *A Simple Framework for
     Contrastive Learning of Visual Representations* (2020), arXiv:2002.05709.
 
-    Views ``v = [z1; z2]`` are L2-normalised; row ``a`` holds
+    Views ``v = [z1; z2]`` are L2-normalised (at any scale, 1e-30…1e30; a zero
+    view stays zero: cosine 0 with every view, gradient 0); row ``a`` holds
     ``cos(v_a, v_b) / temperature`` for every ``b ≠ a`` (2N − 1 columns); its
     positive is the other view of the same sample (``a ± N``), the other 2N − 2 are
     negatives. Returns ``(logits (2N, 2N−1), target (2N,))`` for :func:`info_nce`,
@@ -364,8 +426,9 @@ def pair_logits(
     (or W = 1) it is the local computation.
     """
     _check_pair(z1, z2)
-    _check_temperature(temperature)
+    check_flag("gather_distributed", gather_distributed)
     cd = _compute_dtype(z1, dtype)
+    _check_temperature(temperature, cd)
     rank, world = _world() if gather_distributed else (0, 1)
     n = z1.shape[0]
     if n * world < 2:
@@ -373,8 +436,8 @@ def pair_logits(
             f"the pair losses need N >= 2 pairs in the (global) batch: with N = {n * world} a view has no negative"
         )
     with torch.autocast(device_type=z1.device.type, enabled=False):
-        h1 = F.normalize(z1.to(cd), dim=1)
-        h2 = F.normalize(z2.to(cd), dim=1)
+        h1 = _unit_rows(z1.to(cd))
+        h2 = _unit_rows(z2.to(cd))
         if world > 1:  # one collective for both views: (W·2n, d) → per rank [h1; h2]
             g = _gather(torch.cat([h1, h2])).view(world, 2, n, -1)
             g1, g2 = g[:, 0].reshape(world * n, -1), g[:, 1].reshape(world * n, -1)
@@ -421,6 +484,7 @@ def flat_nce_pairs(
     :func:`flat_nce`.
     """
     _check_reduction(reduction)
+    _check_value(value)
     logits, target = pair_logits(z1, z2, temperature, gather_distributed=gather_distributed, dtype=dtype)
     return flat_nce(logits, target, reduction, value=value, dtype=dtype)
 
@@ -448,30 +512,34 @@ def nce_diagnostics(
       ``softmax − onehot`` rounds the positive's gradient to exactly 0 (the FlatNCE
       note's floating-point argument; tests check it against ``F.cross_entropy``'s gradient);
     * ``info_nce`` and ``log_xi``: the means of ``log(1 + ξ)`` and ``log ξ``;
-    * ``n``: number of anchors.
+    * ``n``: number of anchors (B ≥ 1; no rows is a ``ValueError``).
+
+    ``log ξ`` is formed from score differences in float64, so the quantiles are
+    accurate to ~1e-15 (1 + |log ξ|) whatever the size of the scores.
     """
-    if not 0 < xi_threshold:
-        raise ValueError(f"xi_threshold must be positive, got {xi_threshold}")
-    qs = [float(q) for q in quantiles]
-    if any(not 0.0 <= q <= 1.0 for q in qs):
-        raise ValueError(f"quantiles must lie in [0, 1], got {qs}")
+    xi_threshold = check_number("xi_threshold", xi_threshold, low=0.0, low_open=True)
+    if isinstance(quantiles, (str, bytes)) or not isinstance(quantiles, Sequence):
+        raise TypeError(f"quantiles must be a sequence of numbers in [0, 1], got {quantiles!r}")
+    qs = [check_number("quantiles", q, low=0.0, high=1.0) for q in quantiles]
     if not isinstance(resolution_dtype, torch.dtype) or not resolution_dtype.is_floating_point:
         raise TypeError(f"resolution_dtype must be a floating torch.dtype, got {resolution_dtype!r}")
-    pos, lse_neg = _terms(logits.detach(), target, positive_mask, torch.float64)
-    log_xi = lse_neg - pos
+    _check_logits(logits)
+    if logits.shape[0] == 0:
+        raise ValueError("logits has no rows (B = 0): there are no anchors to describe")
+    log_xi, _, _ = _log_xi(logits.detach(), target, positive_mask, torch.float64)
     log10_xi = log_xi / math.log(10.0)
     u = torch.finfo(resolution_dtype).eps / 2
     # ξ/(1+ξ) < u  ⟺  log ξ < log(u/(1−u))
     below_res = log_xi < math.log(u / (1 - u))
     n = log_xi.numel()
-    qv = torch.quantile(log10_xi, torch.tensor(qs, dtype=torch.float64)) if n else torch.full((len(qs),), math.nan)
+    qv = torch.quantile(log10_xi, torch.tensor(qs, dtype=torch.float64)) if qs else torch.zeros(0)
     return {
         "n": n,
         "log10_xi_quantiles": {q: float(v) for q, v in zip(qs, qv.tolist())},
-        "share_xi_below": float((log_xi < math.log(xi_threshold)).double().mean()) if n else math.nan,
-        "share_below_resolution": float(below_res.double().mean()) if n else math.nan,
-        "info_nce": float(_softplus(log_xi).mean()) if n else math.nan,
-        "log_xi": float(log_xi.mean()) if n else math.nan,
+        "share_xi_below": float((log_xi < math.log(xi_threshold)).double().mean()),
+        "share_below_resolution": float(below_res.double().mean()),
+        "info_nce": float(_softplus(log_xi).mean()),
+        "log_xi": float(log_xi.mean()),
     }
 
 
@@ -492,11 +560,14 @@ class _PairLoss(nn.Module):
         reduction: str = "mean",
     ) -> None:
         super().__init__()
-        _check_temperature(temperature)
+        temperature = _check_temperature(temperature, torch.float64)
         _check_reduction(reduction)
-        lo, hi = (float(v) for v in temperature_range)
-        if not (0 < lo <= hi and math.isfinite(hi)):
-            raise ValueError(f"temperature_range must be (low, high) with 0 < low <= high < inf, got {temperature_range}")
+        check_flag("learnable_temperature", learnable_temperature)
+        check_flag("gather_distributed", gather_distributed)
+        if isinstance(temperature_range, (str, bytes)) or not isinstance(temperature_range, Sequence) or len(temperature_range) != 2:
+            raise ValueError(f"temperature_range must be a pair (low, high), got {temperature_range!r}")
+        lo = check_number("temperature_range", temperature_range[0], low=0.0, low_open=True)
+        hi = check_number("temperature_range", temperature_range[1], low=lo)
         if learnable_temperature and not lo <= temperature <= hi:
             raise ValueError(f"temperature {temperature} lies outside temperature_range {temperature_range}")
         self.learnable_temperature = bool(learnable_temperature)
@@ -610,8 +681,7 @@ class FlatNCELoss(_PairLoss):
     """
 
     def __init__(self, temperature: float = 0.1, *, value: str = "log_xi", **kwargs: Any) -> None:
-        if value not in _VALUES:
-            raise ValueError(f"value must be one of {_VALUES}, got {value!r}")
+        _check_value(value)
         super().__init__(temperature, **kwargs)
         self.value = value
 
