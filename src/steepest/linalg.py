@@ -373,7 +373,16 @@ def _spectral_exact(M: Tensor, fn: Callable[[Tensor], _Spectral], svd: bool = Fa
     s = _amax(X64).detach()
     s = torch.where(s > 0, s, torch.ones_like(s))
     out = _spectral_apply(X64 / s, _rank_rtol(M.shape, M.dtype), fn(s[..., 0]), svd) * s
-    return _unwide(out, t).to(M.dtype)
+    return _in_range(_unwide(out, t).to(M.dtype), M)
+
+
+def _in_range(out: Tensor, M: Tensor) -> Tensor:
+    """``out`` when finite; a result beyond M's dtype range (e.g. σ² of 1e30 in float32) is an error, not inf."""
+    if out.device.type != "meta" and not torch._C._functorch.is_functorch_wrapped_tensor(out) \
+            and not bool(torch.isfinite(out).all()):
+        raise ValueError(f"the result overflows {M.dtype} (M's singular values are up to "
+                         f"{float(M.detach().double().abs().max()):.3g} in magnitude); pass M in float64, e.g. M.double()")
+    return out
 
 
 def _msign_exact(X: Tensor, rtol: float, svd: bool = False) -> Tensor:
@@ -812,7 +821,7 @@ def mpoly(
         lower = _even_lower(coeffs, float(_fro(X).max()), tol) / sched.safety
         O = _ns_sign(X, sched, steps, lower, tol).to(X.dtype)
         out = out + peven @ O
-    return _unwide(out, t).to(M.dtype)
+    return _in_range(_unwide(out, t).to(M.dtype), M)
 
 
 def _even_lower(coeffs: list[float], fro: float, tol: float) -> float:

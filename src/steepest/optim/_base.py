@@ -196,6 +196,17 @@ class SteepestOptimizer(torch.optim.Optimizer):
         return out
 
 
+def slot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of optimizer state for parameters of ``dtype``: float32 at least.
+
+    Half-precision slots lose what optimizers accumulate (momentum of small
+    gradients underflows in float16; a multiplier exp(0.001) rounds back to 1 in
+    bfloat16), so state is kept in float32 and the step rounded once into the
+    parameter, as mixed-precision training keeps master values.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def lr_value(x: Any) -> float:
     """A group's ``lr`` as a float (LR schedulers may keep a 0-d tensor)."""
     return float(x.item()) if isinstance(x, Tensor) else float(x)

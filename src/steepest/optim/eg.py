@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .._validate import check_choice, check_flag, check_number, param_name
 from ..distributed import extrema, full_value
-from ._base import SteepestOptimizer, lr_value
+from ._base import SteepestOptimizer, lr_value, slot_dtype
 
 __all__ = [
     "EGD",
@@ -49,11 +49,6 @@ GRANULARITIES = ("coordinate", "tensor", "global")
 
 
 # --------------------------------------------------------------------------- helpers
-def _slot_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Learned multipliers are kept in float32 at least (small EG updates vanish in half precision)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _nu0(group: dict[str, Any]) -> float:
     """The initial rate: 1, moved into [nu_min, nu_max]."""
     lo, hi = group["nu_min"], group["nu_max"]
@@ -69,6 +64,12 @@ def _smallest(dtype: torch.dtype) -> float:
     """
     info = torch.finfo(dtype)
     return float(info.tiny) * float(info.eps)
+
+
+def _saturate(x: Tensor) -> Tensor:
+    """``x`` with ±inf replaced by ±max of its dtype (an exponent that large saturates anyway)."""
+    big = torch.finfo(x.dtype).max
+    return x.clamp(-big, big)
 
 
 def _limits(dtype: torch.dtype) -> tuple[float, float, float]:
@@ -213,10 +214,12 @@ def eg_nu_update(nus: Sequence[Tensor], prev_grads: Sequence[Tensor], grads: Seq
     lo = -math.inf if nu_min is None else nu_min
     hi = math.inf if nu_max is None else nu_max
     if granularity == "coordinate":
-        out = [_exp_scale(nu, gamma * gp.to(nu.dtype) * g.to(nu.dtype))
+        # the product of two huge gradients may overflow: saturate it (inf·γ with γ = 0 would be NaN)
+        out = [_exp_scale(nu, gamma * _saturate(gp.to(nu.dtype) * g.to(nu.dtype)))
                for nu, gp, g in zip(nus, prev_grads, grads, strict=True)]
     elif granularity == "tensor":
-        out = [_exp_scale(nu, gamma * torch.sum(gp.to(nu.dtype) * g.to(nu.dtype)))
+        # float64 sums: ±1e60 terms would give inf − inf = NaN in float32
+        out = [_exp_scale(nu, _saturate(gamma * torch.sum(gp.double() * g.double())).to(nu.dtype))
                for nu, gp, g in zip(nus, prev_grads, grads, strict=True)]
     else:
         if len(nus) != 1:
@@ -224,7 +227,7 @@ def eg_nu_update(nus: Sequence[Tensor], prev_grads: Sequence[Tensor], grads: Seq
         (nu,) = nus
         dot = sum((torch.sum(gp.double() * g.double()) for gp, g in zip(prev_grads, grads, strict=True)),
                   torch.zeros((), dtype=torch.float64, device=nu.device))
-        out = [_exp_scale(nu, (gamma * dot).to(nu.dtype))]
+        out = [_exp_scale(nu, _saturate(gamma * dot).to(nu.dtype))]
     if nu_min is not None or nu_max is not None:
         out = [nu.clamp(lo, hi) for nu in out]
     return out
@@ -304,7 +307,7 @@ class EGStepSize(SteepestOptimizer):
         if "prev_grad" not in st:
             st["prev_grad"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             nu0 = _nu0(group)
-            slot = _slot_dtype(p.dtype)  # exp(γ·small) must not round back to 1 in bf16/fp16
+            slot = slot_dtype(p.dtype)  # exp(γ·small) must not round back to 1 in bf16/fp16
             if group["granularity"] == "coordinate":
                 st["nu"] = torch.full_like(p, nu0, dtype=slot, memory_format=torch.preserve_format)
             elif group["granularity"] == "tensor":
@@ -406,15 +409,15 @@ def egdd_step(param: Tensor, grad: Tensor, momentum_buf: Tensor, gbar: Tensor, g
     EG updates of the gain and scale (Kivinen & Warmuth 1997) as in Amid, Anil,
     Fifty, Warmuth 2022; it reproduces the values of Lingvo's own unit test.
     """
-    cd = _slot_dtype(param.dtype)  # half-precision inputs: the small EG exponents are computed in float32
+    cd = slot_dtype(param.dtype)  # half-precision inputs: the small EG exponents are computed in float32
     param, grad, momentum_buf, gbar = param.to(cd), grad.to(cd), momentum_buf.to(cd), gbar.to(cd)
+    # the scale's argument in float64: norms and products of huge gradients overflow float32
+    g64, m64 = grad.double(), momentum_buf.double()
     if use_directions:
-        gn = grad / (torch.linalg.vector_norm(grad) + 1e-10)
-        mn = momentum_buf / (torch.linalg.vector_norm(momentum_buf) + 1e-10)
-        s_arg = torch.sum(gn * mn)
+        s_arg = torch.sum(g64 * m64) / ((torch.linalg.vector_norm(g64) + 1e-10) * (torch.linalg.vector_norm(m64) + 1e-10))
     else:
-        s_arg = torch.sum(grad * momentum_buf)
-    new_scale = (scale * torch.exp(scale_lr * s_arg)).clamp(min_scale, max_scale)
+        s_arg = torch.sum(g64 * m64)
+    new_scale = (scale * torch.exp(_saturate(scale_lr * s_arg)).to(cd)).clamp(min_scale, max_scale)
     if use_signs:
         g_arg = torch.sign(grad) * torch.sign(gbar)
     else:
@@ -490,7 +493,7 @@ class EGDD(SteepestOptimizer):
                     st["step"] = 0
                     st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["gbar"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    slot = _slot_dtype(p.dtype)  # Lingvo keeps its learned scale in float32 whatever the variable
+                    slot = slot_dtype(p.dtype)  # Lingvo keeps its learned scale in float32 whatever the variable
                     st["gain"] = torch.ones_like(p, dtype=slot, memory_format=torch.preserve_format)
                     st["scale"] = torch.ones((), dtype=slot, device=p.device)
                 st["step"] += 1

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .._validate import check_choice, check_flag, check_int, check_number
 from ..linalg import SCHEDULES, NSConfig, resolve_schedule
-from ._base import SteepestOptimizer, lr_value, ordered
+from ._base import SteepestOptimizer, lr_value, ordered, slot_dtype
 from ._matrices import LOCAL, Placement, matrix_shape, orthogonalize, project_spectral_ball
 
 __all__ = [
@@ -94,10 +94,12 @@ def muon_momentum(
     """
     if not grads:
         return []
-    torch._foreach_lerp_(list(momentum_buffers), list(grads), 1.0 - momentum)
+    bufs = list(momentum_buffers)
+    grads = [g.to(b.dtype) for g, b in zip(grads, bufs)]  # buffers of half-precision parameters are float32
+    torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
     if nesterov:
-        return list(torch._foreach_lerp(list(grads), list(momentum_buffers), momentum))
-    return list(momentum_buffers)
+        return list(torch._foreach_lerp(grads, bufs, momentum))
+    return bufs
 
 
 def muon_apply(
@@ -175,11 +177,14 @@ def adamw_step(
 
     ``θ ← θ(1 − ηλ)``; ``m ← β₁m + (1−β₁)g``; ``v ← β₂v + (1−β₂)g²``;
     ``θ ← θ − η/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)``. ``steps[i]`` is t for parameter i,
-    already counting this step.
+    already counting this step. Moments of half-precision parameters are float32;
+    a gradient above √(finfo.max) of the moments' dtype (≈1.8e19 in float32)
+    overflows ``v`` and its step is zero, as in torch.optim.AdamW.
     """
     if not params:
         return
-    params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
+    params, exp_avgs, exp_avg_sqs = list(params), list(exp_avgs), list(exp_avg_sqs)
+    grads = [g.to(m.dtype) for g, m in zip(grads, exp_avgs)]  # moments of half-precision parameters are float32
     beta1, beta2 = betas
     if weight_decay:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
@@ -189,7 +194,12 @@ def adamw_step(
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**t) for t in steps])
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1.0 - beta1**t) for t in steps])
+    scales = [-lr / (1.0 - beta1**t) for t in steps]
+    if all(p.dtype == m.dtype for p, m in zip(params, exp_avgs)):
+        torch._foreach_addcdiv_(params, exp_avgs, denom, scales)
+        return
+    for p, m, d, a in zip(params, exp_avgs, denom, scales):
+        p.add_((m / d) * a)  # computed in the moments' float32, rounded once into the parameter
 
 
 # ---------------------------------------------------------------------------
@@ -455,7 +465,8 @@ class Muon(SteepestOptimizer):
         for p, g in items:
             st = self.state[p]
             if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+                st["momentum_buffer"] = torch.zeros_like(g, dtype=slot_dtype(p.dtype),
+                                                         memory_format=torch.preserve_format)
             bufs.append(st["momentum_buffer"])
         bound = group["max_spectral_norm"]
         muon_step([p for p, _ in items], [g for _, g in items], bufs, lr=lr_value(group["lr"]),
@@ -469,8 +480,8 @@ class Muon(SteepestOptimizer):
             st = self.state[p]
             if "exp_avg" not in st:
                 st["step"] = 0
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg"] = torch.zeros_like(p, dtype=slot_dtype(p.dtype), memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=slot_dtype(p.dtype), memory_format=torch.preserve_format)
             st["step"] = int(st["step"]) + 1
             ps.append(p)
             gs.append(g)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_number
-from ._base import SteepestOptimizer, lr_value
+from ._base import SteepestOptimizer, lr_value, slot_dtype
 
 __all__ = ["SignSGD", "sign_step"]
 
@@ -45,8 +45,8 @@ def sign_step(
         if momentum_buffers is None:
             raise ValueError("momentum > 0 needs momentum_buffers (zeros like the parameters at the start)")
         bufs = list(momentum_buffers)
-        torch._foreach_lerp_(bufs, grads, 1.0 - momentum)
-        direction = torch._foreach_sign(bufs)
+        torch._foreach_lerp_(bufs, [g.to(b.dtype) for g, b in zip(grads, bufs)], 1.0 - momentum)
+        direction = [d.to(p.dtype) for d, p in zip(torch._foreach_sign(bufs), params)]  # ±1, 0: exact
     else:
         direction = torch._foreach_sign(grads)
     torch._foreach_add_(params, direction, alpha=-lr)
@@ -102,7 +102,8 @@ class SignSGD(SteepestOptimizer):
                 for p, _ in items:
                     st = self.state[p]
                     if "momentum_buffer" not in st:
-                        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        st["momentum_buffer"] = torch.zeros_like(p, dtype=slot_dtype(p.dtype),
+                                                                 memory_format=torch.preserve_format)
                     bufs.append(st["momentum_buffer"])
             sign_step([p for p, _ in items], [g for _, g in items], bufs if mom else None, lr=lr_value(group["lr"]),
                       momentum=mom, weight_decay=float(group["weight_decay"]))
