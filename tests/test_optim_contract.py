@@ -94,6 +94,30 @@ def test_state_dict_resume_is_bit_exact(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_resume_is_bit_exact_for_bfloat16_parameters(name):
+    # state of half-precision parameters is float32; torch's load_state_dict casts it to bf16
+    ps = [torch.nn.Parameter(p.detach().bfloat16()) for p in _params()]
+    loss = lambda qs, t: _loss([q.double() for q in qs], t)  # noqa: E731
+
+    def run(opt, qs, steps):
+        for t in steps:
+            opt.zero_grad()
+            loss(qs, t).backward()
+            opt.step()
+
+    opt = _make(name, ps)
+    run(opt, ps, range(3))
+    saved = copy.deepcopy({"params": _snapshot(ps), "opt": opt.state_dict()})
+    run(opt, ps, range(3, 6))
+    qs = [torch.nn.Parameter(t) for t in saved["params"]]
+    opt2 = _make(name, qs)
+    opt2.load_state_dict(saved["opt"])
+    run(opt2, qs, range(3, 6))
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_closure_gives_the_loss_and_the_same_step(name):
     ps, qs = _params(), _params()
     a, b = _make(name, ps), _make(name, qs)

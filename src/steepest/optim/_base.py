@@ -127,6 +127,7 @@ class SteepestOptimizer(torch.optim.Optimizer):
         old_state = self.state
         before = [{k: v for k, v in g.items() if k != "params"} for g in old_groups]
         super().load_state_dict(state_dict)
+        self._restore_slot_dtypes(state_dict)
         try:
             for gi, (group, prev) in enumerate(zip(self.param_groups, before)):
                 for k, v in prev.items():
@@ -147,6 +148,22 @@ class SteepestOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"{self._name}.load_state_dict: {e}. Nothing was loaded; was this state_dict saved by another "
                 "optimizer, or for other parameters?") from None
+
+    def _restore_slot_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """Undo torch's cast of every floating state tensor to its parameter's dtype.
+
+        State of half-precision parameters is float32 (:func:`slot_dtype`); torch's
+        ``load_state_dict`` would round it to bfloat16/float16 and a resumed run would
+        no longer match an uninterrupted one bit for bit.
+        """
+        saved = state_dict.get("state", {})
+        ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            for k, v in saved.get(pid, {}).items():
+                cur = self.state[p].get(k)
+                if isinstance(v, Tensor) and isinstance(cur, Tensor) and v.is_floating_point() and v.dtype != cur.dtype:
+                    self.state[p][k] = v.to(device=cur.device, copy=True)
 
     @property
     def skipped_steps(self) -> int:
