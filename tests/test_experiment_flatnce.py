@@ -57,3 +57,30 @@ def test_gaps_by_arm_pairs_seeds_at_the_smallest_common_batch():
     assert (b, t) == (16, 0.1)
     assert gaps == {"fp32": [7.0, 6.0], "bf16": [7.0, 6.0]}
     assert E._gaps_by_arm([r for r in runs if r.precision == "fp32"]) is None
+
+
+def test_advantage_verdict_from_paired_gaps():
+    assert E.advantage_verdict({0.1: [6.0, 5.5, 10.4], 0.5: [0.1, 2.0, 3.6]}, True) == "held"
+    assert E.advantage_verdict({0.1: [-1.0, -2.0, 0.5]}, True) == "not held"  # mean below 0
+    assert E.advantage_verdict({0.1: [0.0, 0.0, 0.0]}, True) == "not held"
+    assert E.advantage_verdict({0.1: [3.0, -1.0, 2.0]}, True) == "partly held"  # mean > 0, one seed worse
+    assert E.advantage_verdict({0.1: [1.0, 2.0, 3.0], 0.5: [-1.0, -2.0, -3.0]}, True) == "partly held"
+    assert E.advantage_verdict({0.1: [6.0, 5.5, 10.4]}, False) == "not measured"  # quick: direction only
+    assert E.advantage_verdict({}, True) == "not measured"
+
+
+def test_roundoff_verdict_needs_anchors_below_float32_resolution_and_a_gap_growing_as_precision_drops():
+    same = {"fp32": [6.0, 5.5, 10.4], "bf16-loss": [8.5, 10.4, 2.0], "bf16": [3.9, 6.9, 5.0]}
+    assert E.roundoff_verdict(0.0, same, True) == "not held"  # the stored full run's numbers
+    grows = {"fp32": [1.0, 1.5, 0.5], "bf16": [6.0, 7.0, 8.0]}
+    assert E.roundoff_verdict(0.2, grows, True) == "held"
+    assert E.roundoff_verdict(0.0, grows, True) == "partly held"
+    assert E.roundoff_verdict(0.2, same, True) == "partly held"
+    assert E.roundoff_verdict(0.0, same, False) == "not measured"
+    assert E.roundoff_verdict(0.0, {"fp32": [1.0]}, True) == "not measured"  # no bf16 arm to compare
+
+
+def test_one_seed_has_no_spread_and_gaps_are_signed():
+    assert E._fmt([62.8]) == "62.8" and E._fmt([1.0, 3.0]) == "2.0 ± 1.4"
+    assert E._fmt_gap([-4.44]) == "-4.4 pp" and E._fmt_gap([-0.01]) == "+0.0 pp"
+    assert E._fmt_gap([1.0, 3.0]) == "+2.0 ± 1.4 pp (2/2 seeds > 0)"

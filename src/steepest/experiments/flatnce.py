@@ -33,6 +33,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import flat_nce, info_nce, nce_diagnostics, pair_logits
-from ..report import Context
+from ..report import Context, plural
+from . import claim, full_command
 from ._data import digits_split
 
 TITLE = "FlatNCE vs InfoNCE at small batch"
@@ -53,6 +55,10 @@ PROJ_DIM = 32
 PROBE_C = 1.0  # fixed a priori; not tuned
 TEST_SIZE = 600
 SPLIT_SEED = 12345
+# What a verdict needs: the full protocol's seeds and epochs (quick mode shows directions only).
+MIN_SEEDS = 3
+MIN_EPOCHS = 50
+STORED_FULL_RUN = "docs/results/flatnce-full/report.md"  # in the steepest repository
 
 
 # --------------------------------------------------------------------------- data and augmentation
@@ -233,8 +239,11 @@ def _ms(vals: list[float]) -> tuple[float, float]:
 
 
 def _fmt(vals: list[float]) -> str:
+    """Mean ± std over seeds; the mean alone for one seed (a spread of one value is no spread)."""
     m, s = _ms(vals)
-    return "nan" if math.isnan(m) else f"{m:.1f} ± {s:.1f}"
+    if math.isnan(m):
+        return "nan"
+    return f"{m:.1f} ± {s:.1f}" if sum(not math.isnan(v) for v in vals) > 1 else f"{m:.1f}"
 
 
 def _tail(run: Run, key: str) -> float:
@@ -267,6 +276,15 @@ def run(ctx: Context) -> None:
     plan.sort(key=lambda r: r.batch)
 
     ctx.text(
+        "Contrastive pre-training pairs two augmented views of each image; for an anchor with similarity logits "
+        "s_i = cos(z, z_i)/T over the batch (T: the temperature) and its positive t, ξ = Σ_{i≠t} e^{s_i − s_t}. "
+        "InfoNCE is log(1 + ξ); FlatNCE trains with the gradient of log ξ instead. The note's account: as pairs "
+        "separate, ξ → 0 and InfoNCE's gradient on the positive, ξ/(1 + ξ), falls below the unit roundoff u of the "
+        "floating-point format (u₃₂ = 2⁻²⁴ for float32, u_bf16 = 2⁻⁸ for bfloat16) and becomes exactly 0, which "
+        "FlatNCE avoids. Two bfloat16 arms bring that round-off within reach: 'bf16-loss' (float32 network, "
+        "embeddings, logits and loss in bf16) and 'bf16' (everything in bf16)."
+    )
+    ctx.text(
         f"Digits split: {len(ytr)} training images (unlabelled for pre-training; the labelled pool of the probes), "
         f"{len(yte)} held-out test images. Adam lr {LR:g}, {cfg['epochs']} epochs (`{ctx.mode}` mode), "
         f"representation {REP_DIM}-d (encoder output), projection {PROJ_DIM}-d. Probes: logistic regression "
@@ -276,13 +294,16 @@ def run(ctx: Context) -> None:
         "logged loss of both arms is the InfoNCE value."
         + (
             ""
-            if ctx.full
-            else f" **{ctx.mode} mode trains for {cfg['epochs']} epoch(s) with {len(seeds)} seed(s): it exercises the "
-            "pipeline; its differences are not evidence either way (run `--full`).**"
+            if len(seeds) >= MIN_SEEDS and cfg["epochs"] >= MIN_EPOCHS
+            else f" **`{ctx.mode}` mode trains for {plural(cfg['epochs'], 'epoch')} with {plural(len(seeds), 'seed')}: "
+            "it shows the direction of each comparison, not evidence for a verdict; the verdicts need "
+            f"{MIN_SEEDS} seeds × {MIN_EPOCHS} epochs: `{full_command('flatnce', jobs=True)}` (about an hour on 2 "
+            f"cores). The full run of this grid is kept in `{STORED_FULL_RUN}` of the steepest repository.**"
         )
     )
 
     # references: raw pixels and an untrained encoder
+    ctx.phase("flatnce: probing the references (raw pixels, untrained encoder)")
     torch.manual_seed(seeds[0])
     base_pix = probe(xtr.flatten(1).numpy().astype(np.float64), ytr, xte.flatten(1).numpy().astype(np.float64), yte, draws)
     net0 = Net()
@@ -322,25 +343,6 @@ def _cost(r: Run, epochs: int, n: int) -> float:
     return steps * (0.0057 * r.batch if r.precision == "bf16" else 0.005 + 0.00033 * r.batch)
 
 
-PILOT = {0.1: (85.7, 79.5), 0.2: (85.9, 82.7), 0.5: (85.7, 86.0)}  # batch 8, 1-shot: (FlatNCE, InfoNCE), from the issue
-
-
-def _pilot(ctx: Context, plan: list[Run]) -> None:
-    cells = _cells(plan, "fp32")
-    rows = []
-    for t, (pf, pi) in PILOT.items():
-        f, i = cells.get((8, t, "flatnce")), cells.get((8, t, "infonce"))
-        if f and i:
-            rows.append([t, pf, pi, _fmt([r.probe["1-shot"] for r in f]), _fmt([r.probe["1-shot"] for r in i])])
-    if rows:
-        ctx.table(
-            ["T", "pilot FlatNCE", "pilot InfoNCE", "measured FlatNCE", "measured InfoNCE"],
-            rows,
-            caption="Batch 8, 1-shot probe accuracy (%): the pilot quoted in the issue (3 seeds, 50 epochs) vs this run.",
-            floatfmt=".1f",
-        )
-
-
 def _summary(ctx: Context, plan: list[Run]) -> None:
     """Facts that separate the two explanations, computed from the runs (no interpretation beyond them)."""
     lines = []
@@ -378,6 +380,87 @@ def _summary(ctx: Context, plan: list[Run]) -> None:
         )
     if lines:
         ctx.text("**Separating the explanations.**\n\n" + "\n".join(lines))
+
+
+def advantage_verdict(gaps_by_t: dict[float, list[float]], measured: bool) -> str:
+    """FlatNCE beats InfoNCE at small batch? From the paired 1-shot gaps FlatNCE − InfoNCE per temperature.
+
+    Per temperature: held when every seed's gap is positive, not held when the mean gap is ≤ 0, partly held
+    otherwise; overall held (not held) when every temperature is, else partly held. ``measured=False``
+    (fewer seeds or epochs than the full protocol) gives "not measured".
+    """
+    if not measured or not gaps_by_t or not all(gaps_by_t.values()):
+        return "not measured"
+    per_t = []
+    for gaps in gaps_by_t.values():
+        if all(g > 0 for g in gaps):
+            per_t.append("held")
+        elif statistics.fmean(gaps) <= 0:
+            per_t.append("not held")
+        else:
+            per_t.append("partly held")
+    return per_t[0] if len(set(per_t)) == 1 else "partly held"
+
+
+def roundoff_verdict(share_below_fp32: float, gaps: dict[str, list[float]], measured: bool) -> str:
+    """Is round-off why FlatNCE wins? From the float32 InfoNCE runs' largest share of anchors with ξ < u₃₂
+    and the paired gaps per precision arm at one (batch, T).
+
+    Round-off as the cause predicts (a) anchors below float32 resolution in float32 training and (b) a gap that
+    grows as the precision drops: every bf16 arm's mean gap above the float32 one by more than the float32
+    gaps' seed spread. held: both; not held: neither; partly held: one of them. ``measured=False`` (or no
+    bf16 arm to compare) gives "not measured".
+    """
+    fp32 = gaps.get("fp32", [])
+    lower = [g for arm, g in gaps.items() if arm != "fp32" and g]
+    if not measured or not fp32 or not lower:
+        return "not measured"
+    spread = statistics.stdev(fp32) if len(fp32) > 1 else 0.0
+    grows = all(statistics.fmean(g) > statistics.fmean(fp32) + spread for g in lower)
+    below = share_below_fp32 > 0
+    if below and grows:
+        return "held"
+    return "partly held" if below or grows else "not held"
+
+
+def _claims(ctx: Context, plan: list[Run], cfg: dict) -> None:
+    """The verdicts on the note's two claims (advantage at small batch; round-off as its cause)."""
+    seeds = sorted({r.seed for r in plan})
+    measured = len(seeds) >= MIN_SEEDS and cfg["epochs"] >= MIN_EPOCHS
+    fp32 = _cells(plan, "fp32")
+    b0 = min(b for b, _, _ in fp32)
+    by_t = {t: [f.probe["1-shot"] - i.probe["1-shot"] for f, i in zip(fp32.get((b0, t, "flatnce"), []),
+                                                                     fp32.get((b0, t, "infonce"), []))]
+            for t in sorted({t for b, t, _ in fp32 if b == b0})}
+    size = f"{plural(len(seeds), 'seed')} × {plural(cfg['epochs'], 'epoch')}"
+    figure = "; ".join(f"T = {t:g}: {_fmt_gap(g)}" for t, g in by_t.items())
+    v = advantage_verdict(by_t, measured)
+    claim(ctx, "flatnce", f"At small batch (batch {b0}), FlatNCE pre-training gives better representations than "
+          "InfoNCE (1-shot linear probe on held-out test images)", v,
+          f"FlatNCE − InfoNCE at batch {b0}, 1-shot, {size}: {figure}" + ("" if measured else " (direction only)"),
+          split="test", seeds=seeds, command=None if measured else full_command("flatnce", jobs=True))
+    share = max((max(c["below_fp32"] for c in r.curve) for r in plan if r.precision == "fp32" and r.loss == "infonce"),
+                default=math.nan)
+    gaps = _gaps_by_arm(plan)
+    arms = "; gap per precision arm at batch {}, T = {:g}: ".format(*gaps[0]) + ", ".join(
+        f"{a} {_fmt_gap(g)}" for a, g in gaps[1].items()) if gaps else ""
+    v = roundoff_verdict(share, gaps[1] if gaps else {}, measured)
+    claim(ctx, "flatnce", "InfoNCE falls behind because its gradient is lost to floating-point round-off "
+          "(ξ/(1 + ξ) below the unit roundoff u) once ξ → 0", v,
+          f"largest share of float32 InfoNCE anchors (training batches) with ξ < u₃₂: {share:.3g}{arms}"
+          + ("" if measured else f" ({size}: direction only)"),
+          split="test", seeds=seeds, command=None if measured else full_command("flatnce", jobs=True))
+
+
+def _fmt_gap(gaps: list[float]) -> str:
+    """A paired gap in percentage points: mean ± std (signed), or the one value."""
+    if not gaps:
+        return "–"
+    m = statistics.fmean(gaps)
+    m = 0.0 if round(m, 1) == 0 else m  # no "-0.0"
+    if len(gaps) == 1:
+        return f"{m:+.1f} pp"
+    return f"{m:+.1f} ± {statistics.stdev(gaps):.1f} pp ({sum(g > 0 for g in gaps)}/{len(gaps)} seeds > 0)"
 
 
 def _gaps_by_arm(plan: list[Run]) -> tuple[tuple[int, float], dict[str, list[float]]] | None:
@@ -421,9 +504,9 @@ def _report(ctx: Context, plan: list[Run], base_pix: dict, base_rand: dict, cfg:
         if cells:
             _report_cells(ctx, precision, cells)
     _report_differences(ctx, plan)
-    _pilot(ctx, plan)
     _summary(ctx, plan)
-    _plot_probe_vs_batch(ctx, plan)
+    _claims(ctx, plan, cfg)
+    _plot_probe_vs_batch(ctx, plan, {"raw pixels": base_pix, "untrained encoder": base_rand})
     _plot_xi(ctx, plan)
     ctx.result("references", {"raw_pixels": base_pix, "untrained_encoder": base_rand})
     ctx.result("epochs", cfg["epochs"])
@@ -494,60 +577,108 @@ def _report_differences(ctx: Context, plan: list[Run]) -> None:
     )
 
 
-def _plot_probe_vs_batch(ctx: Context, plan: list[Run]) -> None:
+def _plot_probe_vs_batch(ctx: Context, plan: list[Run], refs: dict[str, dict[str, float]]) -> None:
     import matplotlib.pyplot as plt
 
     cells = _cells(plan, "fp32")
     batches = sorted({b for b, _, _ in cells})
     temps = sorted({t for _, t, _ in cells})
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    n_seeds = len({r.seed for r in plan})
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4))
+    # markers of the bf16 arms sit a little left / right of their batch so they do not hide each other
+    dodge = {("bf16-loss", "infonce"): -0.24, ("bf16-loss", "flatnce"): -0.12, ("bf16", "infonce"): 0.12,
+             ("bf16", "flatnce"): 0.24}
     for ax, key in zip(axes, ("1-shot", "5-shot", "full")):
+        values = [v for v in refs_values(refs, key)]
         for t in temps:
             for loss, style in (("infonce", "--"), ("flatnce", "-")):
                 bs = [b for b in batches if (b, t, loss) in cells]
                 ms = [_ms([r.probe[key] for r in cells[(b, t, loss)]]) for b in bs]
-                ax.errorbar(bs, [m for m, _ in ms], yerr=[s for _, s in ms], ls=style, marker="o", capsize=3,
-                            label=f"{loss} T={t}")
-        for arm, color in (("bf16-loss", "tab:gray"), ("bf16", "k")):
+                ys = [m for m, _ in ms]
+                values += ys
+                ax.errorbar(bs, ys, yerr=[s for _, s in ms] if n_seeds > 1 else None, ls=style,
+                            marker="o" if loss == "flatnce" else "D", mfc="none" if loss == "infonce" else None,
+                            capsize=3, label=f"{_LOSS[loss]}, float32, T = {t:g}")
+        for arm, color in (("bf16-loss", "0.45"), ("bf16", "k")):
             for loss, mk in (("infonce", "x"), ("flatnce", "s")):
                 pts = sorted((b, _ms([r.probe[key] for r in rs])[0]) for (b, t, l), rs in _cells(plan, arm).items()
                              if l == loss)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], mk, ms=8, color=color, alpha=0.7,
-                            label=f"{loss} {arm}")
+                    values += [p[1] for p in pts]
+                    ax.plot([p[0] * 2 ** dodge[(arm, loss)] for p in pts], [p[1] for p in pts], mk, ms=8, mew=2,
+                            color=color, mfc="none", label=f"{_LOSS[loss]}, {arm}")
+        for name, ls in (("raw pixels", ":"), ("untrained encoder", "-.")):
+            ax.axhline(refs[name][key], color="0.6", lw=1, ls=ls, label=f"reference: {name}")
+        lo, hi = min(values), max(values)
+        pad = max(0.0, (MIN_SPAN - (hi - lo)) / 2) + 1.0  # at least MIN_SPAN points: one seed's noise is ~±2
+        top = min(hi + pad, 100.5)
+        ax.set_ylim(min(lo - pad, top - MIN_SPAN - 2.0), top)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_xlabel("batch size (pairs)")
-        ax.set_title(f"{key} probe accuracy (%)")
+        ax.set_ylabel(f"{key} probe accuracy on test (%)")
+        ax.set_title(f"{key} probe", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    ctx.figure(fig, "probe-vs-batch", "Frozen-representation probe accuracy vs batch size (mean ± std over seeds); "
-               "markers: bf16 arms (grey: loss in bf16, black: everything in bf16), T = first temperature.")
+    handles, labels = axes[0].get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda k: (("float32" not in labels[k]) + 2 * labels[k].startswith("ref"),
+                                                       labels[k]))
+    handles, labels = [handles[k] for k in order], [labels[k] for k in order]
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=9, frameon=False, bbox_to_anchor=(0.5, -0.13))
+    fig.tight_layout()
+    spread = "mean ± std over seeds" if n_seeds > 1 else "one seed, no error bars: differences of ~2 points are noise"
+    ctx.figure(fig, "probe-vs-batch", f"Linear-probe accuracy of the frozen representation vs batch size ({spread}); "
+               "bf16 arms at T = first temperature, drawn beside their batch; grey lines: the references.")
+
+
+_LOSS = {"infonce": "InfoNCE", "flatnce": "FlatNCE"}
+MIN_SPAN = 12.0  # percentage points: the y range of a probe panel is never narrower
+
+
+def refs_values(refs: dict[str, dict[str, float]], key: str) -> list[float]:
+    return [r[key] for r in refs.values() if not math.isnan(r[key])]
 
 
 def _plot_xi(ctx: Context, plan: list[Run]) -> None:
     """ξ statistics over training at the smallest float32 batch."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     b0 = min(b for b, _, _ in _cells(plan, "fp32"))
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.0))
+    markers = iter("oDs^vP<>*X")
+    series: list[tuple[Any, str, np.ndarray, dict]] = []
     for (b, t, loss), rs in sorted(_cells(plan, "fp32").items()):
         if b != b0:
             continue
+        st = dict(ls="-" if loss == "flatnce" else "--", marker=next(markers))
         for ax, key in zip(axes, ("xi_lt_1e-3", "median_log10_xi", "info_nce")):
             curve = np.mean([[c[key] for c in r.curve] for r in rs], axis=0)
-            ax.plot(np.arange(1, len(curve) + 1), curve, ls="-" if loss == "flatnce" else "--", label=f"{loss} T={t}")
-    for arm, color in (("bf16-loss", "tab:gray"), ("bf16", "k")):
+            series.append((ax, f"{_LOSS[loss]}, float32, T = {t:g}" + (": ξ < 1e-3" if ax is axes[0] else ""),
+                           curve, st))
+    for arm, color in (("bf16-loss", "0.45"), ("bf16", "k")):
         for (b, t, loss), rs in sorted(_cells(plan, arm).items()):
             if b != b0:
                 continue
             curve = np.mean([[c["below_bf16"] for c in r.curve] for r in rs], axis=0)
-            axes[0].plot(np.arange(1, len(curve) + 1), curve, ls=":" if loss == "infonce" else "-.", color=color,
-                         label=f"{arm} {loss}: ξ < u_bf16")
-    titles = ("share of anchors: ξ < 1e-3 (float32), ξ < u_bf16 (bf16 arms)", "median log₁₀ ξ",
-              "InfoNCE value (training batches)")
-    for ax, title in zip(axes, titles):
-        ax.set_title(title)
+            series.append((axes[0], f"{_LOSS[loss]}, {arm}: ξ < u_bf16", curve,
+                           dict(ls=":" if loss == "infonce" else "-.", color=color, marker=next(markers))))
+    zeros = [k for k, (ax, _, c, _) in enumerate(series) if ax is axes[0] and not np.any(c)]
+    for k, (ax, label, curve, st) in enumerate(series):
+        x = np.arange(1, len(curve) + 1, dtype=float)
+        if k in zeros:  # lines that are 0 throughout would hide each other: each sits at its own small offset
+            x = x + 0.06 * (zeros.index(k) - (len(zeros) - 1) / 2)
+            label += " (0 throughout)"
+        ax.plot(x, curve, label=label, ms=5, mfc="none", **st)
+    ylabels = ("share of anchors", "median log₁₀ ξ", "InfoNCE value")
+    titles = ("share with ξ < 1e-3 (float32) or ξ < u_bf16 (bf16 arms)", "median log₁₀ ξ over anchors",
+              "InfoNCE value (both losses)")
+    for ax, title, yl in zip(axes, titles, ylabels):
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
+        ax.set_ylabel(yl)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    ctx.figure(fig, "xi-over-training", f"ξ statistics over training at batch {b0} (training batches, mean over seeds).")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)  # below: covers nothing
+    fig.tight_layout(w_pad=2.0)
+    ctx.figure(fig, "xi-over-training", f"ξ statistics over training at batch {b0} (training batches, per-epoch "
+               "averages, mean over seeds); series that stay at 0 are drawn side by side at small offsets.")
