@@ -590,3 +590,73 @@ def test_rng_replay_restarts_cuda_generators_that_began_during_the_first_pass(mo
     ref = torch.Generator().manual_seed(1234)
     torch.rand(4, generator=ref)
     assert torch.equal(torch.rand(4, generator=gen), torch.rand(4, generator=ref))  # moved as for one pass
+
+
+# ------------------------------------------------------------- found by the fuzz battery
+def test_finite_differences_in_float16_with_a_small_eps():
+    # 1/ε = 1e5 overflowed float16: the input penalty was NaN; 2/ε likewise for parameters
+    x = torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=torch.float16)
+    f = lambda v: (0.5 * v * v).sum(1)  # noqa: E731  ‖∇f‖² = ‖x‖²
+    # the step 1e-2·x is a few float16 spacings: the displacement actually taken is used
+    d = input_grad_norm2(f, x, method="finite_difference", eps=1e-2)
+    torch.testing.assert_close(d.float(), x.float().pow(2).sum(1), rtol=2e-2, atol=0)
+    # a step far below x's spacing is lost entirely: an error, not 0
+    with pytest.raises(ValueError, match="eps=1e-05 is too small"):
+        input_grad_norm2(f, x, method="finite_difference", eps=1e-5)
+    p = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float16, requires_grad=True)
+    out = param_penalty_grads_fd(lambda: (p * p).sum(), [p], eps=3e-3)  # H = 2I: penalty grad = 2·2·2p
+    assert torch.isfinite(out.penalty_grads[0]).all()
+    torch.testing.assert_close(out.penalty_grads[0].float(), 8 * p.detach().float(), rtol=2e-2, atol=0)
+    with pytest.raises(ValueError, match="eps=1e-06 is too small"):
+        param_penalty_grads_fd(lambda: (p * p).sum(), [p], eps=1e-6)
+
+
+def test_fd_normalised_step_with_tiny_gradients():
+    # ‖g‖² of 1e-25 entries underflowed float32 to 0, and the "unit" step became 1e-6/1e-38·g
+    p = torch.tensor([1.0, 2.0], requires_grad=True)
+    out = param_penalty_grads_fd(lambda: 1e-25 * p.sum() + 0.5 * 1e-25 * (p * p).sum(), [p], normalize=True)
+    g = 1e-25 * (1 + p.detach())
+    torch.testing.assert_close(out.penalty_grads[0], 2 * 1e-25 * g, rtol=1e-2, atol=0)
+    assert float(out.grad_norm2) == pytest.approx(float(g.double().pow(2).sum()), rel=1e-5)
+
+
+def test_overflowing_penalties_are_errors_not_inf():
+    x = torch.full((2, 3), 1e17, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        input_grad_norm2(lambda v: (500.0 * v * v).sum(1), x)  # ‖1e20‖² overflows bfloat16
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        input_grad_norm2(lambda v: (500.0 * v * v).sum(1), x, method="finite_difference")
+    p = torch.full((3,), 1e20, requires_grad=True)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        param_grad_norm2((p * 1.0).sum() * 1e19, [p])
+    model = make_mlp([2, 3, 1]).float()
+    with pytest.raises(ValueError, match="overflow"):
+        occam_bound(model, torch.full((1, 2), 1e30))
+
+
+def test_occam_bound_refuses_half_precision():
+    model = make_mlp([2, 3, 1])
+    for dt in (torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match="float32 or float64"):
+            occam_bound(model.to(dt), torch.randn(2, 2).to(dt), norm="frobenius")
+
+
+def test_penalty_arguments_are_checked_by_name():
+    x, w = torch.randn(3, 2), torch.randn(2, requires_grad=True)
+    f = lambda v: v.pow(2).sum(1)  # noqa: E731
+    with pytest.raises(TypeError, match="eps"):
+        input_grad_norm2(f, x, method="finite_difference", eps=True)
+    with pytest.raises(TypeError, match="normalize"):
+        input_grad_norm2(f, x, method="finite_difference", normalize="yes")
+    with pytest.raises(TypeError, match="create_graph"):
+        param_grad_norm2(w.sum(), [w], create_graph=1)
+    with pytest.raises(TypeError, match="closure"):
+        param_penalty_grads_fd(3, [w])
+    with pytest.raises(TypeError, match="f must be callable"):
+        input_grad_norm2(3, x)
+    with pytest.raises(TypeError, match="model"):
+        input_grad_norm2(f, x, model="model")
+    with pytest.raises(TypeError, match="module"):
+        check_per_example("model")
+    with pytest.raises(TypeError, match="params"):
+        param_grad_norm2(w.sum(), None)

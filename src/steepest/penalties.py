@@ -48,7 +48,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_tensor
+from ._validate import check_choice, check_flag, check_number, check_tensor
 from .isotropy import Whitening
 
 __all__ = [
@@ -92,9 +92,28 @@ _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
 # --------------------------------------------------------------------------- checks
-def _check_eps(eps: float) -> None:
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite positive number, got {eps!r}")
+def _check_eps(eps: float) -> float:
+    return check_number("eps", eps, low=0.0, low_open=True)
+
+
+def _check_callable(name: str, fn: object) -> None:
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+
+
+def _check_module(name: str, module: object) -> None:
+    if module is not None and not isinstance(module, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module or None, got {type(module).__name__}")
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    # finite-difference arithmetic (1/ε up to 1e6) in at least float32: 1/ε overflows float16
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_finite_result(t: Tensor, what: str, fix: str) -> None:
+    if not bool(torch.isfinite(t.detach()).all()):
+        raise ValueError(f"{what} is NaN or Inf (it overflows {t.dtype}, or the function itself gave NaN); {fix}")
 
 
 def _batch_statistics(m: nn.Module) -> str | None:
@@ -135,6 +154,7 @@ def check_per_example(module: nn.Module | None) -> None:
     ``module.eval()`` with running statistics, or a per-example normalisation
     (LayerNorm, GroupNorm), fixes it.
     """
+    _check_module("module", module)
     found = _first_mixing(module)
     if found is not None:
         name, why = found
@@ -235,6 +255,11 @@ def input_grad_norm2(
             = ‖g_i‖² + (ε_i / 2) ĝ_iᵀ H_i ĝ_i + O(ε_i²),        H_i = ∇²_{x_i} f_i
 
     so the value's error is ``O(ε)`` with that leading constant (it is tested).
+    In low precision ``x + ε ĝ`` rounds to x's spacing; the difference is then
+    divided by ``gᵀδ / ‖g‖²`` for the displacement δ actually taken (``ε`` when
+    exact), and a step lost entirely to rounding is a ``ValueError``. The
+    arithmetic on ``1/ε`` is done in at least float32. Rounding adds up to
+    ``~8u(Σ|terms of f| + Σ_j |g_j x_j|)/ε`` (u the unit roundoff of x's dtype).
     The returned tensor is ``2 D − sg(D)``: value ``D`` but twice its gradient,
     because ``∇_θ D ≈ (∇_θ g)ᵀ g`` is half of ``∇_θ ‖g‖² = 2 (∇_θ g)ᵀ g``. Cost: one
     backward for ``g`` and one extra forward, instead of a double backward.
@@ -247,14 +272,18 @@ def input_grad_norm2(
     An ``f`` that does not depend on ``x`` gives exact zeros (still part of the
     graph with ``create_graph=True``, so usable as a penalty term).
     """
-    if method not in ("exact", "finite_difference"):
-        raise ValueError(f"method must be 'exact' or 'finite_difference', got {method!r}")
+    check_choice("method", method, ("exact", "finite_difference"))
+    _check_callable("f", f)
+    for name, flag in (("normalize", normalize), ("create_graph", create_graph), ("return_output", return_output)):
+        check_flag(name, flag)
+    _check_module("model", model)
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
         raise ValueError("x must be a tensor with a non-empty leading batch dimension")
     check_tensor(x, "x")
     if isinstance(f, nn.Module):
         check_per_example(f)
     check_per_example(model)
+    fix = "compute in float64 (e.g. x.double() and model.double()) or rescale"
 
     x_in = x if x.requires_grad else x.detach().requires_grad_(True)
     if method == "exact":
@@ -262,6 +291,7 @@ def input_grad_norm2(
             fx = _per_example_values(f, x_in)
             g = _input_grad(fx, x_in, create_graph=create_graph)
         out = g.reshape(g.shape[0], -1).pow(2).sum(1)
+        _check_finite_result(out, "the squared input-gradient norm ‖∇_x f‖²", fix)
         if create_graph and not out.requires_grad:
             out = out + _linked_zero(x_in, fx)
         return (out, fx) if return_output else out
@@ -270,20 +300,36 @@ def input_grad_norm2(
     with torch.enable_grad():
         rng = _SameRandomness()
         fx = _per_example_values(f, x_in)
+        _check_finite_result(fx, "f(x)", fix)
         g = _input_grad(fx, x_in, retain_graph=True).detach()
-        gnorm = g.reshape(g.shape[0], -1).norm(dim=1)
-        # inv_step = 1/ε_i, kept finite so a zero gradient gives a zero step, not inf·0
-        if normalize:
-            inv_step = gnorm.clamp_min(torch.finfo(g.dtype).tiny) / eps
-        else:
-            inv_step = torch.full_like(gnorm, 1.0 / eps)
-        step = g / inv_step.reshape((-1,) + (1,) * (g.dim() - 1))
+        B = g.shape[0]
+        wd = _work_dtype(g.dtype)
+        gw = g.to(wd).reshape(B, -1)
+        # g scaled by its largest entry per example: its norm neither over- nor underflows
+        m = gw.abs().amax(dim=1, keepdim=True)
+        gs = gw / torch.where(m > 0, m, torch.ones_like(m))
+        ns = gs.norm(dim=1, keepdim=True)
+        step = eps * gs / torch.where(ns > 0, ns, torch.ones_like(ns)) if normalize else eps * gw
+        x_shift = x_in + step.reshape(g.shape).to(x_in.dtype)
+        # the displacement actually taken: in low precision x + εg rounds to x's spacing
+        delta = (x_shift.detach() - x_in.detach()).to(wd).reshape(B, -1)
+        gd = (gs * delta).sum(1)  # gᵀδ / m
+        m, ns = m.squeeze(1), ns.squeeze(1)
+        if bool(((m > 0) & (gd <= 0)).any()):
+            raise ValueError(
+                f"eps={eps} is too small for x's dtype {x_in.dtype}: x + eps·∇f rounds back to x; "
+                "use a larger eps or compute in a wider dtype"
+            )
+        inv_step = torch.where(m > 0, m * ns * ns / torch.where(gd > 0, gd, torch.ones_like(gd)), torch.zeros_like(gd))
         after = rng.rewind()
         try:
-            f_shift = _per_example_values(f, x_in + step)
+            f_shift = _per_example_values(f, x_shift)
         finally:
             rng.restore(after)
-        d = (f_shift - fx) * inv_step
+        _check_finite_result(f_shift, "f(x + ε·g) in the finite difference", fix + ", or a smaller eps")
+        # ‖g‖²/(gᵀδ) is 1/ε for an exact step and corrects a rounded one
+        d = ((f_shift.to(wd) - fx.to(wd)) * inv_step).to(fx.dtype)
+        _check_finite_result(d, "the finite-difference ‖∇_x f‖²", fix)
     out = 2 * d - d.detach() if create_graph else d.detach()
     if create_graph and not out.requires_grad:
         out = out + _linked_zero(x_in, fx)
@@ -298,6 +344,8 @@ def _param_list(params: Iterable[Tensor]) -> tuple[list[Tensor], list[int]]:
     """
     if isinstance(params, Tensor):
         params = [params]
+    if isinstance(params, (str, bytes)) or not isinstance(params, Iterable):
+        raise TypeError(f"params must be an iterable of tensors, e.g. model.parameters(); got {type(params).__name__}")
     ps = list(params)
     if not ps:
         raise ValueError("params is empty; pass e.g. list(model.parameters())")
@@ -340,6 +388,7 @@ def param_grad_norm2(loss: Tensor, params: Iterable[Tensor], *, create_graph: bo
     gradient 0). A tensor passed twice counts once.
     """
     _check_scalar_loss(loss)
+    check_flag("create_graph", create_graph)
     ps, _ = _param_list(params)
     grads = _param_grads(loss, ps, create_graph=create_graph)
     total = loss.new_zeros(())
@@ -348,6 +397,7 @@ def param_grad_norm2(loss: Tensor, params: Iterable[Tensor], *, create_graph: bo
             total = total + g.pow(2).sum()
         elif create_graph:
             total = total + _linked_zero(p)
+    _check_finite_result(total, "‖∇_θ loss‖²", "compute the loss in float64 or rescale it")
     return total
 
 
@@ -376,7 +426,11 @@ def param_penalty_grads_fd(
         [g(θ + εg) − g(θ)] / ε = H g + O(ε),   H = ∇²_θ L,   ∇_θ ‖g‖² = 2 H g
 
     so ``penalty_grads = 2 [g(θ + εg) − g(θ)] / ε`` has an ``O(ε)`` error and no
-    double backward. ``ε = eps``, or ``eps / ‖g‖`` with ``normalize=True`` (a step of
+    double backward. The step is taken in the parameters' own dtype, where
+    ``θ + εg`` rounds to θ's spacing: the difference is divided by
+    ``gᵀδ/‖g‖²`` for the displacement δ actually taken (ε when exact), the rest
+    of the rounding adds up to ``~2‖H‖u|θ|/ε`` per entry, and a step that loses
+    more than half its length is a ``ValueError``. ``ε = eps``, or ``eps / ‖g‖`` with ``normalize=True`` (a step of
     length ``eps``, robust to the scale of ``g``). A training step with penalty
     weight ``λ`` sets ``p.grad = g + λ·penalty_grad``.
 
@@ -391,6 +445,9 @@ def param_penalty_grads_fd(
     have one entry per tensor passed.
     """
     _check_eps(eps)
+    _check_callable("closure", closure)
+    check_flag("normalize", normalize)
+    _check_module("model", model)
     ps, where = _param_list(params)
     mixing = _first_mixing(model)
     if mixing is not None:
@@ -405,8 +462,15 @@ def param_penalty_grads_fd(
         loss = closure()
         _check_scalar_loss(loss)
         g = [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(_param_grads(loss, ps), ps)]
-    norm2 = sum((gi.pow(2).sum() for gi in g), loss.new_zeros(()).detach())
-    step = eps / max(math.sqrt(float(norm2)), torch.finfo(norm2.dtype).tiny / eps) if normalize else eps
+    fix = "compute the loss in float64 or rescale it"
+    for gi in g:
+        _check_finite_result(gi, "the loss gradient", fix)
+    # ‖g‖ scaled by its largest entry: no overflow or underflow of the squares in any dtype
+    gmax = max((float(gi.detach().abs().max()) for gi in g if gi.numel()), default=0.0)
+    gnorm = gmax * math.sqrt(sum(float((gi.to(_work_dtype(gi.dtype)) / gmax).pow(2).sum()) for gi in g)) if gmax > 0 else 0.0
+    norm2 = torch.tensor(gnorm * gnorm, dtype=loss.dtype, device=loss.device)
+    _check_finite_result(norm2, "‖∇_θ loss‖²", fix)
+    step = eps / gnorm if normalize and gnorm > 0 else eps
 
     saved = [p.detach().clone() for p in ps]
     buffers = [b.detach().clone() for b in model.buffers()] if model is not None else []
@@ -415,6 +479,14 @@ def param_penalty_grads_fd(
         with torch.no_grad():
             for p, gi in zip(ps, g):
                 p.add_(gi, alpha=step)
+            # gᵀδ/gmax for the displacement δ actually taken (θ + εg rounds to θ's spacing)
+            gd = sum(float(((gi / gmax).to(_work_dtype(gi.dtype)) * (p - s).to(_work_dtype(gi.dtype))).sum())
+                     for p, gi, s in zip(ps, g, saved)) if gmax > 0 else 0.0
+        if gmax > 0 and not gd > 0.5 * step * gnorm * gnorm / gmax:
+            raise ValueError(
+                f"eps={eps} is too small for the parameters' dtype: θ + eps·g rounds (nearly) back to θ; "
+                "use a larger eps or keep the parameters in a wider dtype"
+            )
         with torch.enable_grad():
             loss2 = closure()
             _check_scalar_loss(loss2)
@@ -427,7 +499,14 @@ def param_penalty_grads_fd(
                 for b, s in zip(model.buffers(), buffers):
                     b.copy_(s)
         rng.restore(after)
-    pen = [(2.0 / step) * ((g2i if g2i is not None else torch.zeros_like(gi)) - gi) for g2i, gi in zip(g2, g)]
+    # ‖g‖²/(gᵀδ): 1/ε for an exact step, and corrects the length of a rounded one
+    inv_step = gnorm * (gnorm / gmax) / gd if gmax > 0 else 0.0
+    pen = []
+    for g2i, gi in zip(g2, g):
+        wd = _work_dtype(gi.dtype)  # 2/ε overflows float16
+        diff = (g2i if g2i is not None else torch.zeros_like(gi)).to(wd) - gi.to(wd)
+        pen.append(((2.0 * inv_step) * diff).to(gi.dtype))
+        _check_finite_result(pen[-1], "the finite-difference penalty gradient", fix + ", or a larger eps")
     return FDPenaltyGrads(loss.detach(), [g[k] for k in where], [pen[k] for k in where], norm2)
 
 
@@ -586,11 +665,17 @@ def occam_bound(
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be a (batch, features) tensor with batch >= 1, got {shape}; flatten inputs first")
     check_tensor(x, "x")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"x has dtype {x.dtype}: occam_bound takes spectral norms, which torch computes in float32 or float64 "
+            "only; run it on model.float() / model.double() with x.float() / x.double()"
+        )
     first = next(m for m in mods if isinstance(m, nn.Linear))
     if first.weight.dtype != x.dtype:
         raise TypeError(f"x has dtype {x.dtype} but the model has {first.weight.dtype}; cast one to match (e.g. .double())")
     if f is None:
         f = lambda out: out.reshape(out.shape[0], -1).sum(1)  # noqa: E731
+    _check_callable("f", f)
 
     B, d_in = x.shape
     with torch.enable_grad():
@@ -650,4 +735,6 @@ def occam_bound(
         layers.append(LayerTerms(i, h2, w2, j2, gw2, gb2, has_bias, coef, term, gw2 + gb2))
         lhs = lhs + term
         rhs = rhs + gw2 + gb2
+    for what, t in (("lhs", lhs), ("rhs", rhs), ("‖∇_x f‖²", gx2)):
+        _check_finite_result(t, f"occam_bound's {what}", "the quantities overflow: use model.double() and x.double(), or rescale")
     return OccamBound(lhs, rhs, gx2, tuple(layers), norm)
