@@ -23,6 +23,17 @@ def test_experiment_smoke(name, tmp_path):
     for fig in section["figures"]:
         assert (tmp_path / fig).stat().st_size > 1000
         assert f"]({fig})" in report
+    claims = [c for c in data["claims"] if c["section"] == name]
+    assert claims, "every experiment states the verdicts on what it tests"
+    for c in claims:
+        assert c["verdict"] in ("held", "partly held", "not held", "not measured")
+        assert c["note"] and c["url"].startswith("https://") and c["claim"] and c["figure"]
+        assert c["evidence"]["split"] in ("test", "validation", "train", "none") and c["evidence"]["seeds"]
+        if c["evidence"]["split"] != "none":  # smoke sizes are no evidence for a claim about learning
+            assert c["verdict"] == "not measured" and c["command"].startswith("steepest reproduce")
+    lowered = report.lower()
+    for word in ("pilot", "the issue", "spec.md", "seed 00", "'div'", "| inf |", "| div |"):
+        assert word not in lowered, word
 
 
 @pytest.mark.parametrize("name", list(BENCH))
@@ -43,6 +54,30 @@ def test_flatnce_results_do_not_depend_on_jobs(tmp_path):
         runs.append([{k: v for k, v in r.items() if k != "seconds"} for r in section["runs"]])
     assert len(runs[0]) >= 4
     assert runs[0] == runs[1]
+
+
+def _without(value, drop):
+    """``value`` with every dict key in ``drop`` removed, at any depth (the wall-clock times)."""
+    if isinstance(value, dict):
+        return {k: _without(v, drop) for k, v in value.items() if k not in drop}
+    if isinstance(value, list):
+        return [_without(v, drop) for v in value]
+    return value
+
+
+TIMES = {"seconds", "timings", "wall_seconds", "ms_per_step_w128", "ms_per_step_w1024", "cost", "date", "error"}
+
+
+@pytest.mark.parametrize("name", ["penalties", "isotropy", "eg"])
+def test_results_do_not_depend_on_jobs(tmp_path, name):
+    """As for flatnce: each run seeds itself, so worker processes give exactly the in-process numbers."""
+    sections = []
+    for jobs in (1, 2):
+        out = tmp_path / f"j{jobs}"
+        assert main(["reproduce", "--smoke", "--only", name, "--jobs", str(jobs), "--out", str(out)]) == 0
+        data = json.loads((out / "results.json").read_text())
+        sections.append((_without(data["sections"][name], TIMES), data["claims"]))
+    assert sections[0] == sections[1]
 
 
 def _old_digits_split(test_size, seed, images=False):
