@@ -37,13 +37,20 @@ SHAPES = [(24, 12), (12, 36), (24, 12), (20, 20)]
 
 
 # -- references written here, in float64 -------------------------------------------------
-def ns64(G: torch.Tensor, rows, safety: float = 1.0, eps: float = 1e-7) -> torch.Tensor:
-    """Newton–Schulz in float64 on the short side: X ← aX + b(XXᵀ)X + c(XXᵀ)²X."""
+def ns64(G: torch.Tensor, rows, safety: float = 1.0, eps: float = 1e-7, gram_scale: bool = False) -> torch.Tensor:
+    """Newton–Schulz in float64 on the short side: X ← aX + b(XXᵀ)X + c(XXᵀ)²X.
+
+    Start X/(‖X‖_F·safety), or with ``gram_scale`` X/((Σσ¹⁶)^{1/16}·safety) (σ from numpy's SVD).
+    """
     X = G.double()
     tall = X.shape[0] > X.shape[1]
     if tall:
         X = X.T
-    X = X / (X.norm() * safety).clamp_min(eps)
+    if gram_scale:
+        s = np.linalg.svd(X.numpy(), compute_uv=False)
+        X = X / (float((s / s.max()) .__pow__(16).sum() ** (1 / 16) * s.max()) * safety)
+    else:
+        X = X / (X.norm() * safety).clamp_min(eps)
     for a, b, c in rows:
         A = X @ X.T
         X = a * X + (b * A + c * A @ A) @ X
@@ -110,7 +117,7 @@ def test_matches_torch_muon_in_bfloat16():
 
 
 def test_defaults_polar_express_in_float32():
-    """Default: Polar Express rows with ‖X‖_F·1.02 normalization, computed in float32 (no downcast)."""
+    """Default: Polar Express rows from X/((Σσ¹⁶)^{1/16}·1.02), computed in float32 (no downcast)."""
     W0 = make_params(5)
     lr, mu = 0.02, 0.95
     ours = run(lambda ps: Muon(ps), W0, steps=1)
@@ -119,7 +126,7 @@ def test_defaults_polar_express_in_float32():
         G = torch.randn(w.shape, generator=g)
         X = (1 - mu) * G + mu * ((1 - mu) * G)  # Nesterov look-ahead after B = (1-μ)G
         A, B = w.shape
-        ref = w.double() - lr * math.sqrt(max(1, A / B)) * ns64(X, PE, safety=1.02)
+        ref = w.double() - lr * math.sqrt(max(1, A / B)) * ns64(X, PE, safety=1.02, gram_scale=True)
         torch.testing.assert_close(o.double(), ref, atol=2e-6, rtol=0)
 
 

@@ -70,6 +70,8 @@ class Schedule:
     safety: float = 1.0
     tail: tuple[float, float, float] = _QUINTIC
     source: str = ""
+    #: start from X/(‖XXᵀ‖²-based bound on σ_max) instead of X/‖X‖_F (see ``_newton_schulz``)
+    gram_scale: bool = False
 
     def rows(self, steps: int | None = None) -> list[tuple[float, float, float]]:
         if steps is None:
@@ -104,6 +106,7 @@ SCHEDULES: dict[str, Schedule] = {
         ),
         safety=1.02,
         source="Amsel, Persson, Musco, Gower (2025), Polar Express, as used in modded-nanogpt",
+        gram_scale=True,
     ),
     "minimax": Schedule(
         "minimax",
@@ -462,19 +465,63 @@ def _frobenius(X: Tensor) -> Tensor:
 Rows = list[tuple[float, float, float]]
 
 
-def _newton_schulz(X: Tensor, rows: Rows, safety: float) -> Tensor:
-    """NS on a wide X (…, m, n), m ≤ n, in X's dtype, from ``X/(‖X‖_F·safety)``."""
+#: Gram-space iteration for wide matrices with n ≥ GRAM_ASPECT·m (below it the classic one is cheaper).
+GRAM_ASPECT = 2.0
+
+
+def _newton_schulz(X: Tensor, rows: Rows, safety: float, *, gram_scale: bool = False,
+                   gram: bool | None = None) -> Tensor:
+    """NS on a wide X (…, m, n), m ≤ n, in X's dtype: ``X ← aX + b(XXᵀ)X + c(XXᵀ)²X`` per row.
+
+    Start: ``X/(‖X‖_F·safety)``; with ``gram_scale`` instead ``X/(s·safety)`` with
+    ``s = ‖(XXᵀ)⁴‖_F^{1/8} = (Σσ¹⁶)^{1/16}``, a bound on σ_max far tighter than
+    ‖X‖_F (which is up to √m·σ_max), for one m×m product: the first step forms
+    XXᵀ and its square anyway. Small singular values then start inside the
+    schedule's design interval instead of below it.
+
+    ``gram`` (default: when n ≥ ``GRAM_ASPECT``·m in float32/float64): iterate on
+    ``R = XXᵀ`` (m×m) and accumulate ``Q = ∏ p_k(R_k)``, ``R ← P R P``, then
+    ``X ← Q X₀`` (Gram Newton–Schulz; Zhang, Amsel, Chen, Dao 2026): four m×m
+    products a step instead of two m×n ones and one m×m, the same polynomial in
+    exact arithmetic. Not in half precision, where the commuted products drift.
+    """
     shape = X.shape
     X = X.reshape(-1, shape[-2], shape[-1]) if X.ndim != 2 else X
-    norm = _frobenius(X) * safety
+    m, n = X.shape[-2], X.shape[-1]
+    if gram is None:  # in half precision the commuted products drift (σ up to 1.65 in bfloat16): classic there
+        gram = n >= GRAM_ASPECT * m and X.dtype.itemsize >= 4
+    norm = _frobenius(X) * (1.0 if gram_scale else safety)
     X = X / torch.where(norm > 0, norm, torch.ones_like(norm)).to(X.dtype)
+    if not rows:
+        return X.reshape(shape)
+    A = X @ X.mT
+    A2 = A @ A
+    if gram_scale:  # (Σσ¹⁶)^{1/16} = ‖(XXᵀ)⁴‖_F^{1/8}: one m×m product more, a bound within ~7% of σ_max
+        A4 = torch.linalg.vector_norm(A2 @ A2, dim=(-2, -1), keepdim=True)
+        t = A4.sqrt().sqrt().sqrt() * safety
+        t = torch.where(t > 0, t, torch.ones_like(t))
+        X, A, A2 = X / t, A / t**2, A2 / t**4
     mm = torch.addmm if X.ndim == 2 else torch.baddbmm
-    for a, b, c in rows:
-        A = X @ X.mT
-        B = mm(A, A, A, beta=b, alpha=c)
-        X = mm(X, B, X, beta=a, alpha=1.0)
-    return X.reshape(shape)
-
+    if not gram:
+        for k, (a, b, c) in enumerate(rows):
+            if k:
+                A = X @ X.mT
+                B = mm(A, A, A, beta=b, alpha=c)
+            else:
+                B = b * A + c * A2
+            X = mm(X, B, X, beta=a, alpha=1.0)
+        return X.reshape(shape)
+    eye = torch.eye(m, dtype=X.dtype, device=X.device)
+    R, R2, Q = A, A2, None
+    for k, (a, b, c) in enumerate(rows):
+        if k:
+            R2 = R @ R
+        P = a * eye + b * R + c * R2
+        Q = P if Q is None else P @ Q
+        if k + 1 < len(rows):
+            R = (P @ R) @ P
+            R = 0.5 * (R + R.mT)
+    return (Q @ X).reshape(shape)
 
 
 # ---------------------------------------------------------------------------
@@ -499,7 +546,7 @@ def _msign_wide(X: Tensor, schedule, steps: int | None, dtype: torch.dtype | Non
         X = X.to(_work_dtype(X.dtype))
         n = _frobenius(X)
         X = X / torch.where(n > 0, n, torch.ones_like(n)).to(X.dtype)
-    return _newton_schulz(X.to(work), sched.rows(steps), sched.safety)
+    return _newton_schulz(X.to(work), sched.rows(steps), sched.safety, gram_scale=sched.gram_scale)
 
 
 def msign(
@@ -594,7 +641,10 @@ def _ns_rows(sched: Schedule, steps: int | None, lower: Tensor | float, tol: flo
 
 def _ns_sign(X: Tensor, sched: Schedule, steps: int | None, lower: Tensor | float, tol: float) -> Tensor:
     """``msign`` of a wide X by NS, accurate (within tol) for normalized singular values ≥ ``lower``."""
-    return _newton_schulz(X, _ns_rows(sched, steps, lower, tol), sched.safety)
+    # classic iteration: the Gram one accumulates a Q with gains up to 1/σ_min, whose rounding
+    # would leak into the large singular values at the accuracy these contracts ask for
+    return _newton_schulz(X, _ns_rows(sched, steps, lower, tol), sched.safety, gram_scale=sched.gram_scale,
+                          gram=False)
 
 
 def _fro(X: Tensor) -> Tensor:
