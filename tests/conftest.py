@@ -21,3 +21,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG0
     if counts:
         parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         terminalreporter.write_line(f"fuzz battery: {sum(counts.values())} generated cases ({parts})")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _float32_newton_schulz(monkeypatch):
+    """Pin the device decision of ``dtype="auto"`` (bf16 only where it is fast) to "not fast".
+
+    Whether a CPU has bf16 units differs between machines; the tests of defaults must
+    not. Tests of the decision itself set ``steepest.linalg._FAST_BF16`` themselves.
+    """
+    from steepest import linalg
+
+    monkeypatch.setattr(linalg, "_FAST_BF16", {("cpu", None): False})

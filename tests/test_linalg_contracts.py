@@ -245,3 +245,41 @@ def test_inv_sqrt_newton_schulz_at_scale_extremes(scale):
     ns, ref = inv_sqrt(A, method="newton_schulz"), inv_sqrt(A.double())
     assert torch.isfinite(ns).all()
     assert float(((ns.double() - ref).norm() / ref.norm())) <= 1e-4
+
+
+# ---------------------------------------------------------------------------
+# dtype="auto": bfloat16 only where the device multiplies it fast
+# ---------------------------------------------------------------------------
+def test_auto_precision_follows_the_device(monkeypatch):
+    from steepest import linalg
+
+    seen = []
+    real = linalg._newton_schulz
+    monkeypatch.setattr(linalg, "_newton_schulz", lambda X, *a, **k: (seen.append(X.dtype), real(X, *a, **k))[1])
+    M = torch.randn(8, 12)
+    for fast, want in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(linalg, "_FAST_BF16", {("cpu", None): fast})
+        seen.clear()
+        O = msign(M, schedule="polar_express")
+        assert seen == [want] and O.dtype == torch.float32
+        seen.clear()
+        msign(M.double(), schedule="polar_express")  # float64 input keeps float64
+        assert seen == [torch.float64]
+        seen.clear()
+        msign(M, schedule="polar_express", dtype=None)  # None: always the input's precision
+        assert seen == [torch.float32]
+
+
+def test_fast_bf16_decision(monkeypatch):
+    from steepest import linalg
+
+    monkeypatch.setattr(linalg, "_FAST_BF16", {})
+    monkeypatch.setattr(linalg, "_cpu_has_bf16_units", lambda: False)
+    monkeypatch.setattr(linalg, "_probe_cpu_bf16", lambda: pytest.fail("no bf16 units: no timing needed"))
+    assert linalg.fast_bf16("cpu") is False
+    monkeypatch.setattr(linalg, "_FAST_BF16", {})
+    monkeypatch.setattr(linalg, "_cpu_has_bf16_units", lambda: True)
+    monkeypatch.setattr(linalg, "_probe_cpu_bf16", lambda: True)
+    assert linalg.fast_bf16() is True
+    assert linalg.fast_bf16(torch.device("meta")) is False
+    assert isinstance(linalg._probe_cpu_bf16.__call__(), bool)

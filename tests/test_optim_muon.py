@@ -426,7 +426,7 @@ def test_bfloat16_parameters_step_in_float32_by_default(monkeypatch):
     G = torch.randn(8, 5).bfloat16()
     W.grad = G.clone()
     Muon([W], lr=0.1, momentum=0.0).step()
-    assert seen == [(torch.float32, None)]  # the momentum of a bf16 parameter is float32; no ns_dtype forced
+    assert seen == [(torch.float32, "auto")]  # bf16 parameter, float32 momentum; "auto" is float32 without bf16 units
     step = (W0 - W.detach().double()) / (0.1 * math.sqrt(8 / 5))
     assert np.abs(svals(step) - 1).max() < 0.2  # Polar Express: singular values near 1
     torch.testing.assert_close(step, polar64(G.float()), atol=0.1, rtol=0)
@@ -493,3 +493,20 @@ def test_muon_first_step_is_full_at_any_gradient_scale(scale):
     W.grad = G * (scale / float(G.norm()))
     Muon([W], lr=0.1, schedule="svd").step()
     torch.testing.assert_close(W.detach(), -0.1 * polar64(G).float(), rtol=0, atol=1e-6)
+
+
+def test_default_ns_dtype_is_auto(monkeypatch):
+    from steepest import linalg as L
+
+    seen = []
+    real = L._newton_schulz
+    monkeypatch.setattr(L, "_newton_schulz", lambda X, *a, **k: (seen.append(X.dtype), real(X, *a, **k))[1])
+    W = nn.Parameter(torch.randn(6, 4))
+    for fast, want in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(L, "_FAST_BF16", {("cpu", None): fast})
+        seen.clear()
+        W.grad = torch.randn(6, 4)
+        Muon([W]).step()
+        assert seen == [want]
+    with pytest.raises(TypeError, match="ns_dtype"):
+        Muon([W], ns_dtype="fast")

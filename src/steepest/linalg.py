@@ -35,6 +35,8 @@ from ._validate import check_choice, check_int, check_number, check_tensor
 __all__ = [
     "EXACT",
     "NSConfig",
+    "fast_bf16",
+    "ns_dtype_for",
     "Schedule",
     "SCHEDULES",
     "resolve_schedule",
@@ -139,6 +141,71 @@ def ns_scalar(x: Tensor, schedule: str | Schedule | Sequence[Sequence[float]], s
     return x
 
 
+# ---------------------------------------------------------------------------
+# Device-aware precision
+# ---------------------------------------------------------------------------
+_FAST_BF16: dict[tuple[str, int | None], bool] = {}
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _cpu_has_bf16_units() -> bool | None:
+    """True/False from the CPU's feature flags (Linux), None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return any(flag in text.split() for flag in _BF16_FLAGS)
+
+
+def _probe_cpu_bf16() -> bool:
+    """Time one 256² product in float32 and in bfloat16 (after a warm-up): bf16 counts as fast at ≤ half the time."""
+    import time
+
+    a = torch.randn(256, 256)
+    times = {}
+    for dt in (torch.float32, torch.bfloat16):
+        x = a.to(dt)
+        x @ x
+        t0 = time.perf_counter()
+        for _ in range(3):
+            x @ x
+        times[dt] = time.perf_counter() - t0
+    return times[torch.bfloat16] <= 0.5 * times[torch.float32]
+
+
+def fast_bf16(device: torch.device | str | None = None) -> bool:
+    """Whether bfloat16 matrix products are much faster than float32 ones on ``device`` (decided once, cached).
+
+    CUDA: whenever the GPU supports bfloat16 (tensor cores). CPU: only with bf16
+    units (AVX512-BF16 or AMX flags, then confirmed by timing one product each
+    way; without readable flags the timing decides); on CPUs without them bf16
+    products are emulated and 8–100× slower than float32. Other devices: False.
+    This is what ``dtype="auto"`` (:func:`msign`'s Newton–Schulz schedules) and
+    Muon's ``ns_dtype="auto"`` follow.
+    """
+    dev = torch.device("cpu" if device is None else device)
+    key = (dev.type, dev.index)
+    if key not in _FAST_BF16:
+        if dev.type == "cuda":
+            _FAST_BF16[key] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        elif dev.type == "cpu":
+            flags = _cpu_has_bf16_units()
+            _FAST_BF16[key] = _probe_cpu_bf16() if flags in (True, None) else False
+        else:
+            _FAST_BF16[key] = False
+    return _FAST_BF16[key]
+
+
+def ns_dtype_for(X: Tensor, dtype: torch.dtype | str | None) -> torch.dtype:
+    """The Newton–Schulz working dtype: an explicit one; ``None``: X's (float32 for half X);
+    ``"auto"``: bfloat16 where :func:`fast_bf16` says so for X's device and X is at most float32,
+    else as ``None``."""
+    if dtype == "auto":
+        return torch.bfloat16 if X.dtype != torch.float64 and fast_bf16(X.device) else _work_dtype(X.dtype)
+    return _work_dtype(X.dtype) if dtype is None else dtype  # type: ignore[return-value]
+
+
 #: Schedules computed exactly rather than by Newton–Schulz.
 EXACT = ("accurate", "svd")
 _NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -179,7 +246,7 @@ class NSConfig:
 
     schedule: Schedule | str = "accurate"
     steps: int | None = None
-    dtype: torch.dtype | None = None
+    dtype: torch.dtype | str | None = None
 
     def msign(self, M: Tensor) -> Tensor:
         """``msign(M)`` with these settings (no finiteness check: callers decide)."""
@@ -190,13 +257,14 @@ def resolve_schedule(
     schedule: ScheduleLike | NSConfig = "accurate",
     *,
     steps: int | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> NSConfig:
     """Check an orthogonalization setting once and return it as an :class:`NSConfig`.
 
     ``schedule``: ``"accurate"``, ``"svd"``, a name in :data:`SCHEDULES`, a
     :class:`Schedule` or a sequence of ``(a, b, c)`` rows; ``steps``: an int in
-    [1, 100) or None; ``dtype``: None or a floating dtype for Newton–Schulz. An
+    [1, 100) or None; ``dtype``: None, ``"auto"`` (:func:`fast_bf16`) or a floating
+    dtype for Newton–Schulz. An
     :class:`NSConfig` passes through unchanged. Every mistake is a
     ValueError/TypeError naming the argument.
     """
@@ -206,8 +274,8 @@ def resolve_schedule(
         schedule = _resolve_schedule(schedule)
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < 100):
         raise ValueError(f"steps must be an int in [1, 100) or None, got {steps!r}")
-    if dtype is not None and dtype not in _NS_DTYPES:
-        raise TypeError(f"dtype must be None or one of {_NS_DTYPES}, got {dtype!r}")
+    if dtype is not None and dtype != "auto" and dtype not in _NS_DTYPES:
+        raise TypeError(f"dtype must be None, 'auto' or one of {_NS_DTYPES}, got {dtype!r}")
     return NSConfig(schedule, steps, dtype)
 
 
@@ -541,7 +609,7 @@ def _msign_wide(X: Tensor, schedule, steps: int | None, dtype: torch.dtype | Non
     if _is_exact(schedule):
         return _msign_exact(X, rtol, svd=schedule == "svd")
     sched = _resolve_schedule(schedule)
-    work = dtype if dtype is not None else _work_dtype(X.dtype)
+    work = ns_dtype_for(X, dtype)
     if work.itemsize < 4:  # normalize before a half-precision cast, so tiny inputs cannot underflow to zero
         X = X.to(_work_dtype(X.dtype))
         n = _frobenius(X)
@@ -554,7 +622,7 @@ def msign(
     *,
     schedule: str | Schedule | Sequence[Sequence[float]] = "accurate",
     steps: int | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = "auto",
     check_finite: bool = True,
 ) -> Tensor:
     """Matrix sign ``msign(M) = U Vᵀ = M (MᵀM)^{-1/2}`` (the mclip note, kexue.fm/archives/11006).
@@ -577,7 +645,9 @@ def msign(
     - ``"polar_express"``, ``"muon"``, ``"minimax"`` or a sequence of ``(a, b, c)``
       triples: Newton–Schulz ``X ← aX + b(XXᵀ)X + c(XXᵀ)²X`` from
       ``X₀ = M/(‖M‖_F·safety)`` (``SCHEDULES`` holds the data and sources), in
-      ``dtype`` (default: M's dtype, float32 for half inputs). ``steps`` truncates or
+      ``dtype``: ``"auto"`` (default) is bfloat16 where the device multiplies it
+      much faster than float32 (CUDA; CPUs with bf16 units, :func:`fast_bf16`),
+      else M's dtype (float32 for half inputs); ``None`` is always the latter. ``steps`` truncates or
       extends a schedule (extra steps use its ``tail``). ``"muon"`` is not msign:
       its singular values end in roughly [0.5, 1.5].
     - ``"svd"``: float64 SVD reference.

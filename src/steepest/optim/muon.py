@@ -322,8 +322,13 @@ class Muon(SteepestOptimizer):
             or a list of (a, b, c) rows (default ``"polar_express"``: five Polar
             Express steps, which bring singular values much closer to 1 than Keller
             Jordan's coefficients, whose results spread over about [0.5, 1.5]).
-        ns_dtype: working dtype of Newton–Schulz (default None: the gradient's own,
-            float32 for half gradients; torch computes in bfloat16).
+        ns_dtype: working dtype of Newton–Schulz. ``"auto"`` (default): bfloat16
+            where the device multiplies it much faster than float32 (CUDA; CPUs with
+            AVX512-BF16/AMX units; decided once per device,
+            :func:`steepest.linalg.fast_bf16`), else the gradient's dtype (float32
+            for half gradients). ``None``: always the latter; or an explicit dtype
+            (torch computes in bfloat16 everywhere, which is 8–100× slower than
+            float32 on CPUs without bf16 units).
         max_spectral_norm: if set, c > 0: after each step ``W ← c·mclip(W/c)``.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults of the AdamW
             groups (torch.optim.AdamW's defaults: 1e-3, (0.9, 0.999), 1e-8, 0.01).
@@ -361,7 +366,7 @@ class Muon(SteepestOptimizer):
         adjust_lr_fn: AdjustLR = None,
         *,
         schedule: Any = None,
-        ns_dtype: torch.dtype | None = None,
+        ns_dtype: torch.dtype | str | None = "auto",
         max_spectral_norm: float | None = None,
         adamw_lr: float = 1e-3,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
@@ -523,9 +528,9 @@ def _check_muon(g: dict[str, Any]) -> None:
     check_flag("nesterov", g["nesterov"])
     if g["ns_steps"] is not None:
         check_int("ns_steps", g["ns_steps"], low=1, high=99)
-    if g["ns_dtype"] is not None and g["ns_dtype"] not in (torch.bfloat16, torch.float16, torch.float32,
-                                                          torch.float64):
-        raise TypeError(f"ns_dtype must be None or a floating dtype (bfloat16, float16, float32, float64), "
+    if g["ns_dtype"] is not None and g["ns_dtype"] != "auto" and g["ns_dtype"] not in (
+            torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        raise TypeError(f"ns_dtype must be None, 'auto' or a floating dtype (bfloat16, float16, float32, float64), "
                         f"got {g['ns_dtype']!r}")
     c = g["ns_coefficients"]
     if c is not None:
