@@ -609,3 +609,71 @@ def test_monitor_hooks_do_not_travel_with_a_deepcopy():
     del mon
     gc.collect()
     assert ref() is None
+
+
+# ----------------------------------------------------------------------------- found by the fuzz battery
+def test_whiten_rank_deficient_with_eps_at_large_scale():
+    # centered, n = 2 < d: XXᵀ's zero eigenvalue rounds to ±0.03 at entries 1e7, far beyond nε = 2e-5
+    X = torch.tensor([[1.0, 2.0, -1.0], [3.0, 0.5, 2.0]], dtype=torch.float64) * 1e7
+    Y = whiten(X.bfloat16(), centered=True, eps=1e-5)
+    Xc = X.bfloat16().double().numpy()
+    Xc = Xc - Xc.mean(0)
+    U, s, Vt = np.linalg.svd(Xc, full_matrices=False)
+    keep = s > 1e-6 * s.max()
+    ref = math.sqrt(2) * (U[:, keep] @ Vt[keep])  # ZCA of a rank-1 centered pair: √n U Vᵀ
+    np.testing.assert_allclose(Y.double().numpy(), ref, atol=2e-2)
+
+
+@pytest.mark.parametrize("sx,sg", [(1e20, 1.0), (1.0, 1e-17), (1e-30, 1e30)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feature_alignment_is_scale_invariant(sx, sg, dtype):
+    # X XᵀG overflowed (NaN) or underflowed (cos 0.01 for an exact 1) in float32
+    rng = _rng(3)
+    X, G = rng.standard_normal((6, 4)), rng.standard_normal((6, 3))
+    for rule in ("sgd", "signsgd", "muon"):
+        ref = float(feature_alignment(_t(X), _t(G), rule))
+        got = float(feature_alignment(_t(X * sx).to(dtype), _t(G * sg).to(dtype), rule))
+        assert got == pytest.approx(ref, abs=3e-2 if dtype == torch.bfloat16 else 1e-5)
+    one = feature_alignment(torch.tensor([[sx]], dtype=dtype), torch.tensor([[sg]], dtype=dtype), "sgd")
+    assert float(one) == pytest.approx(1.0)
+
+
+def test_isotropy_metrics_at_extreme_float64_scales():
+    X = _rng(4).standard_normal((8, 3))
+    ref = isotropy_metrics(_t(X))
+    for scale in (1e-200, 1e200):
+        got = isotropy_metrics(_t(X * scale))
+        for k, v in ref.items():
+            assert got[k] == pytest.approx(v, rel=1e-9), k
+
+
+def test_monitor_records_tiny_output_gradients():
+    # ‖G‖ of 1e-25 entries underflowed in float32: the recorded cosine was 0
+    torch.manual_seed(6)
+    model = nn.Linear(3, 2, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = AlignmentMonitor(model, opt, norms="sgd")
+    X = torch.randn(4, 3) * 1e20
+    T = torch.randn(4, 2) * 1e-25
+    W0 = model.weight.detach().clone()
+    (model(X) * T).sum().backward()  # G = T
+    opt.step()
+    dY = X.double().numpy() @ (model.weight.detach() - W0).double().numpy().T
+    G = T.double().numpy()
+    ref = np.sum(dY * -G) / (np.linalg.norm(dY) * np.linalg.norm(G))
+    assert ref > 0.1
+    assert mon.history[""]["sgd"][0] == pytest.approx(ref, rel=1e-5)
+
+
+def test_monitor_arguments_are_checked_by_name():
+    lin = nn.Sequential(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="include_bias"):
+        AlignmentMonitor(lin, include_bias="yes")
+    with pytest.raises(TypeError, match="norms"):
+        AlignmentMonitor(lin, norms=None)
+    with pytest.raises(TypeError, match="layers"):
+        AlignmentMonitor(lin, layers="0")
+    with pytest.raises(TypeError, match="optimizer"):
+        AlignmentMonitor(lin, "sgd")
+    with pytest.raises(TypeError, match="every"):
+        AlignmentMonitor(lin, every=1.5)

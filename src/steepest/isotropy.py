@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from . import linalg
-from ._validate import check_flag, check_number, check_tensor
+from ._validate import check_flag, check_int, check_number, check_tensor
 
 __all__ = [
     "RULES",
@@ -122,7 +122,12 @@ def whiten(X: Tensor, centered: bool = False, eps: float = 0.0) -> Tensor:
     The identity ``X (XᵀX + εI)^{-1/2} = (XXᵀ + εI)^{-1/2} X`` (both equal
     ``U Σ (Σ² + ε)^{-1/2} Vᵀ``) lets the inverse square root be taken on the
     smaller Gram side. Computed in float64 (the Gram matrix squares the condition
-    number), returned in X's dtype. Differentiable (through
+    number), returned in X's dtype. With ε > 0, ε is raised to ``k·2⁻⁵²·tr K`` (K the
+    k × k Gram matrix, in the scale of the formula used) when smaller: the
+    float64 rounding of a rank-deficient K moves its zero eigenvalues by about
+    that much, which would leave ``K + εI`` indefinite (only at extreme scales or
+    ratios ‖X‖²/ε ≳ 1e15). Per direction the relative error is then at most
+    ``~8·max(n, d)·2⁻⁵³·λ_max/(λ_i + ε)`` plus the output's rounding. Differentiable (through
     :func:`steepest.linalg.inv_sqrt`, exact eigh). With ε = 0 a singular Gram
     matrix (rank-deficient X, or centered with n ≤ d) raises ``ValueError``;
     pass ε > 0.
@@ -157,7 +162,9 @@ def whiten(X: Tensor, centered: bool = False, eps: float = 0.0) -> Tensor:
     if eps == 0:
         _assert_nonsingular(K, side + (" of the centered X" if centered else ""))
     else:
-        K = K + eps * _eye_like(K)
+        # rounding moves K's zero eigenvalues by ~k·u₆₄·tr K: a smaller ε left K + εI indefinite
+        tr = torch.diagonal(K, dim1=-2, dim2=-1).sum(-1)[..., None, None]
+        K = K + torch.clamp_min(K.shape[-1] * torch.finfo(torch.float64).eps * tr, eps) * _eye_like(K)
     R = linalg.inv_sqrt(K, method="eigh")
     Y = Xw @ R if n >= d else R @ Xw
     if scale != 1.0:
@@ -400,7 +407,7 @@ def isotropy_metrics(X: Tensor) -> dict[str, float]:
       Computed on the smaller Gram side (``‖XXᵀ‖_F = ‖XᵀX‖_F``). ``XXᵀ`` has
       rank ≤ d, so for n > d it is at least ``sqrt(1 − d/n)``.
     - ``effective_rank``: ``exp(H(p))``, ``p_i = σ_i / Σσ`` over the singular
-      values of X (Roy & Vetterli 2007); between 1 and min(n, d).
+      values of X (Roy & Vetterli 2007); between 1 and min(n, d) (0 for X = 0).
     - ``condition_number``: ``λ_max / λ_min`` of the centered covariance
       ``X_cᵀX_c / n``; ``inf`` when it is singular (e.g. n ≤ d).
     - ``mean_cosine``: mean over pairs i ≠ j of ``cos(x_i, x_j)``; rows of zero
@@ -413,6 +420,10 @@ def isotropy_metrics(X: Tensor) -> dict[str, float]:
     if n < 2:
         raise ValueError(f"X needs at least 2 rows (samples), got shape {tuple(X.shape)}")
     Xd = X.detach().double()
+    # every metric is scale-invariant: divide by the largest entry so squares cannot overflow
+    top = float(Xd.abs().max()) if Xd.numel() else 0.0
+    if top > 0:
+        Xd = Xd / top
     K = Xd.mT @ Xd if n >= d else Xd @ Xd.mT
     fro2 = float((K * K).sum())
     tr = float(torch.diagonal(K).sum())
@@ -452,6 +463,12 @@ def _dual(M: Tensor, rule: str, schedule: Any) -> Tensor:
     if rule == "muon":
         return linalg.msign(M, schedule=schedule)
     return torch.sign(M)
+
+
+def _unit_max(A: Tensor) -> Tensor:
+    """A divided by its largest |entry| over the last two dims (zero matrices unchanged)."""
+    m = A.detach().abs().amax(dim=(-2, -1), keepdim=True)
+    return A / torch.where(m > 0, m, torch.ones_like(m))
 
 
 def _cosine(A: Tensor, B: Tensor) -> Tensor:
@@ -497,7 +514,9 @@ def feature_alignment(X: Tensor, G: Tensor, rule: str, *, schedule: Any = "svd")
             f"X (..., b, d_in) and G (..., b, d_out) must share leading dims and b, got {tuple(X.shape)} and {tuple(G.shape)}"
         )
     dtype = torch.promote_types(_compute_dtype(X.dtype), _compute_dtype(G.dtype))
-    X, G = X.to(dtype), G.to(dtype)
+    # the cosine is invariant to scaling X and G (each batch element apart): scale both to
+    # largest entry 1, or X XᵀG overflows/underflows float32 for entries beyond ~1e±13
+    X, G = _unit_max(X.to(dtype)), _unit_max(G.to(dtype))
     dW = -_dual(X.mT @ G, rule, schedule)
     dY = X @ dW
     D = -_dual(G, rule, schedule)
@@ -591,16 +610,20 @@ class AlignmentMonitor:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if isinstance(norms, str):
             norms = (norms,)
+        if not isinstance(norms, Sequence):
+            raise TypeError(f"norms must be a rule name or a sequence of them ({sorted(RULES)}), got {norms!r}")
         self.norms = tuple(_check_rule(nm, "norms") for nm in norms)
         if not self.norms:
             raise ValueError("norms must name at least one of " + str(sorted(RULES)))
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
-        self.every = every
-        self.include_bias = bool(include_bias)
+        self.every = check_int("every", every, low=1)
+        self.include_bias = check_flag("include_bias", include_bias)
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         self.schedule = schedule
         linears = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
         if layers is not None:
+            if isinstance(layers, str) or not isinstance(layers, Iterable):
+                raise TypeError(f"layers must be an iterable of layer names (e.g. ['0', '2']), got {layers!r}")
             wanted = list(layers)
             unknown = [w for w in wanted if w not in linears]
             if unknown:
@@ -650,7 +673,8 @@ class AlignmentMonitor:
             mod = self.layers[name]
             x = torch.cat([ch["x"] for ch in chunks])
             g = torch.cat([ch["g"] for ch in chunks])
-            dtype = torch.promote_types(_compute_dtype(x.dtype), _compute_dtype(g.dtype))
+            # float64: X ΔWᵀ of float32 inputs beyond ~1e19 would overflow (a diagnostic, small)
+            dtype = torch.float64
             x, g = x.to(dtype), g.to(dtype)
             dW = (mod.weight.detach().to(dtype) - entry["w"].to(dtype))
             dY = x @ dW.mT
