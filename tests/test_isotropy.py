@@ -677,3 +677,13 @@ def test_monitor_arguments_are_checked_by_name():
         AlignmentMonitor(lin, "sgd")
     with pytest.raises(TypeError, match="every"):
         AlignmentMonitor(lin, every=1.5)
+
+
+def test_monitored_model_pickles_and_its_copy_is_not_monitored(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 2))
+    mon = AlignmentMonitor(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    torch.save(model, tmp_path / "m.pt")  # the closure hooks this replaced could not be pickled
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    loaded(torch.randn(2, 3)).sum().backward()
+    assert mon._pending == {}
+    mon.remove()

@@ -682,3 +682,17 @@ def test_explicit_half_dtype_evaluates_the_textbook_form_for_round_off_studies()
     x.grad = None
     info_nce(x, t, "sum").backward()
     assert x.grad[0, 0].item() == pytest.approx(-math.exp(-7) / (1 + math.exp(-7)), rel=1e-6)
+
+
+def test_second_derivatives_of_the_reformulated_losses():
+    # a penalty on the loss's gradient differentiates through softplus(log ξ) and the shifted logsumexps
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 2, 4])
+    m = torch.tensor([[True, False, True, False, False]] * 3)
+    assert torch.autograd.gradgradcheck(lambda v: info_nce(v, t, "sum"), (x,))
+    assert torch.autograd.gradgradcheck(lambda v: info_nce(v, positive_mask=m, reduction="sum"), (x,))
+    assert torch.autograd.gradgradcheck(lambda v: flat_nce(v, positive_mask=m, reduction="sum"), (x,))
+    z2 = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    z1 = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda a: info_nce_pairs(a, z2, 0.3), (z1,))
