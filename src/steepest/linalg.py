@@ -329,6 +329,27 @@ def _spectral_parts(X: Tensor, rtol: float, svd: bool = False) -> tuple[Tensor, 
     return U, S, keep, None
 
 
+#: float32 Gram products are used when every eigenvalue of XXᵀ is within this factor of the largest
+#: (σ_max/σ_min ≤ 9): the result's error is then ≈ eps32·(σ_max/σ_min)² ≤ 1e-5, inside the 1e-4 contract
+_GRAM32_COND = 84.0
+
+
+def _gram32_parts(X: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor, None] | None:
+    """The decomposition of a wide float32 X from a float32 Gram product and a float64 eigh, or None.
+
+    Half the cost of float64 products on wide matrices; returned only where the
+    spectrum is narrow enough for float32 rounding of XXᵀ to stay far inside the
+    1e-4 contract (otherwise the caller takes the float64 route).
+    """
+    if X.shape[-1] < GRAM_ASPECT * X.shape[-2] or torch._C._functorch.is_functorch_wrapped_tensor(X):
+        return None  # near-square matrices are rarely that well conditioned: go straight to float64
+    lam, U = torch.linalg.eigh((X @ X.mT).double())
+    if not bool(((lam[..., :1] * _GRAM32_COND >= lam[..., -1:]) & (lam[..., -1:] > 0)).all()):
+        return None  # a wide spectrum, or a zero matrix: the float64 route (with its rank rule)
+    keep = torch.ones_like(lam, dtype=torch.bool)
+    return U, lam.clamp_min(0).sqrt(), keep, None
+
+
 def _safe(S: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep, S, torch.ones_like(S))
 
@@ -347,7 +368,7 @@ def _spectral_forward(X: Tensor, U: Tensor, S: Tensor, keep: Tensor, Vh: Tensor 
         fS = torch.where(keep, fn.f(_safe(S, keep)), hd * S)
         return (U * fS.unsqueeze(-2)) @ Vh
     h = torch.where(keep, fn.f(_safe(S, keep)) / _safe(S, keep), hd)
-    return ((U * h.unsqueeze(-2)) @ U.mT) @ X  # m³ + m²n, cheaper than 2m²n for wide X
+    return ((U * h.unsqueeze(-2)) @ U.mT).to(X.dtype) @ X  # m³ + m²n, cheaper than 2m²n for wide X
 
 
 def _spectral_vjp(X: Tensor, U: Tensor, S: Tensor, keep: Tensor, Vh: Tensor | None, G: Tensor,
@@ -406,7 +427,11 @@ class _SpectralFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(X: Tensor, rtol: float, fn: _Spectral, svd: bool):  # type: ignore[override]
-        U, S, keep, Vh = _spectral_parts(X, rtol, svd)
+        parts = _gram32_parts(X, rtol) if X.dtype == torch.float32 and not svd else None
+        if parts is None:
+            X = X.double()
+            parts = _spectral_parts(X, rtol, svd)
+        U, S, keep, Vh = parts
         out = _spectral_forward(X, U, S, keep, Vh, fn, _dropped_gain(S, rtol, fn))
         return out, U, S, keep, (Vh if Vh is not None else X.new_empty(0))
 
@@ -421,6 +446,7 @@ class _SpectralFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, G: Tensor, *_):  # type: ignore[override]
         X, U, S, keep, Vh = ctx.saved_tensors
+        X = X.double()  # a float32 input saved as is
         Vh = Vh if Vh.numel() else None
         if torch.is_grad_enabled():  # create_graph=True: make the decomposition depend on X
             U, S, keep, Vh = _spectral_parts(X, ctx.rtol, ctx.svd)
@@ -432,6 +458,13 @@ def _spectral_apply(X: Tensor, rtol: float, fn: _Spectral, svd: bool) -> Tensor:
     return _SpectralFunction.apply(X, rtol, fn, svd)[0]
 
 
+def _pow2_scale(X: Tensor) -> Tensor:
+    """max|X| rounded down to a power of two (float64, (…, 1, 1)): dividing by it is exact in any dtype."""
+    a = _amax(X.detach().to(torch.float64))
+    e = torch.floor(torch.log2(torch.where(a > 0, a, torch.ones_like(a))))
+    return torch.exp2(e)
+
+
 def _spectral_exact(M: Tensor, fn: Callable[[Tensor], _Spectral], svd: bool = False) -> Tensor:
     """``U f(Σ) Vᵀ`` of M (any float dtype and orientation), computed in float64, returned in M's dtype.
 
@@ -440,10 +473,9 @@ def _spectral_exact(M: Tensor, fn: Callable[[Tensor], _Spectral], svd: bool = Fa
     to the singular values of ``M/s``, and the result is multiplied by s.
     """
     X, t = _wide(M)
-    X64 = X.to(torch.float64)
-    s = _amax(X64).detach()
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    out = _spectral_apply(X64 / s, _rank_rtol(M.shape, M.dtype), fn(s[..., 0]), svd) * s
+    s = _pow2_scale(X)
+    Xs = X.to(torch.float64) / s if M.dtype == torch.float64 else X.float() / s.float()
+    out = _spectral_apply(Xs, _rank_rtol(M.shape, M.dtype), fn(s[..., 0]), svd).double() * s
     return _in_range(_unwide(out, t).to(M.dtype), M)
 
 
@@ -457,11 +489,10 @@ def _in_range(out: Tensor, M: Tensor) -> Tensor:
 
 
 def _msign_exact(X: Tensor, rtol: float, svd: bool = False) -> Tensor:
-    """Exact msign of a wide X (any float dtype), computed and returned in float64."""
-    X64 = X.to(torch.float64)
-    s = _amax(X64).detach()  # scale out the magnitude: float32 inputs near 1e±30 cannot overflow the Gram matrix
-    X64 = X64 / torch.where(s > 0, s, torch.ones_like(s))
-    return _spectral_apply(X64, rtol, _POLAR, svd)
+    """Exact msign of a wide X (any float dtype): float64, or float32 products where that keeps the contract."""
+    s = _pow2_scale(X)  # scale out the magnitude: inputs near 1e±30 cannot overflow XXᵀ
+    Xs = X.to(torch.float64) / s if X.dtype == torch.float64 else X.float() / s.float()
+    return _spectral_apply(Xs, rtol, _POLAR, svd)
 
 
 _POLAR = _Spectral(torch.ones_like, torch.zeros_like)
