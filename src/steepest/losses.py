@@ -38,10 +38,10 @@ Everything is computed in float32 or wider (float16/bfloat16 inputs are upcast,
 autocast is switched off inside) with ``logsumexp``, so ±1e4 logits stay finite.
 InfoNCE is formed from ``log ξ`` as ``softplus(log ξ)`` rather than
 ``logsumexp_i s_i − s_t``: the latter rounds the logsumexp (≈ s_t) to the float
-spacing of |s_t| and loses ξ below it, so at tiny loss its float32 gradient had
-O(1) relative error (worse than ``F.cross_entropy``'s); now the float32 gradient
-is within ~1e-5 relative of float64 for every ξ ≥ 1e-12 (tested), and the
-gradient on the positive, ``−ξ/(1 + ξ)``, no longer rounds to zero below 2⁻²⁴.
+spacing of |s_t| and loses ξ below it (at tiny loss its float32 gradient has O(1)
+relative error, worse than ``F.cross_entropy``'s). The float32 gradient is within
+~1e-5 relative of float64 for every ξ ≥ 1e-12 (tested), and the gradient on the
+positive, ``−ξ/(1 + ξ)``, does not round to zero below 2⁻²⁴.
 """
 
 from __future__ import annotations
