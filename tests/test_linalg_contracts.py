@@ -283,3 +283,18 @@ def test_fast_bf16_decision(monkeypatch):
     assert linalg.fast_bf16() is True
     assert linalg.fast_bf16(torch.device("meta")) is False
     assert isinstance(linalg._probe_cpu_bf16.__call__(), bool)
+
+
+@pytest.mark.slow
+def test_newton_schulz_msign_compiles_without_graph_breaks_or_recompiles():
+    # torch.compile(fullgraph=True) with CPU inductor; 50 calls with new values of the same shapes
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda X: msign(X, schedule="polar_express"), fullgraph=True)
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(3, 16, 40, generator=g)
+    torch.testing.assert_close(fn(X), msign(X, schedule="polar_express"), atol=2e-5, rtol=0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(50):
+            fn(torch.randn(3, 16, 40, generator=g))

@@ -37,8 +37,8 @@ def check_tensor(x: Any, name: str, *, min_ndim: int = 0, finite: bool = True) -
 
 def check_finite(x: Tensor, name: str) -> Tensor:
     """``x`` has no NaN or Inf entry; the error counts them."""
-    if x.numel() == 0 or x.device.type == "meta" or torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return x  # nothing to read: no entries, no data (meta), or inside vmap/grad (no data-dependent branch)
+    if x.numel() == 0 or no_data(x):
+        return x  # nothing to read
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} contains {bad} NaN or Inf entries; clean the input or find where they come from")
@@ -110,3 +110,9 @@ def check_grad(owner: str, name: str, p: Tensor) -> Tensor:
     if not p.is_floating_point():
         raise TypeError(f"{owner} needs floating-point parameters; {name} has dtype {p.dtype}")
     return g
+
+
+def no_data(x: Tensor) -> bool:
+    """True where a value cannot be read for a Python decision: inside torch.compile, vmap/grad, or on meta."""
+    return (torch.compiler.is_compiling() or x.device.type == "meta"
+            or torch._C._functorch.is_functorch_wrapped_tensor(x))

@@ -30,7 +30,7 @@ import numpy as np
 
 import torch
 from torch import Tensor
-from ._validate import check_choice, check_int, check_number, check_tensor
+from ._validate import check_choice, check_int, check_number, check_tensor, no_data
 
 __all__ = [
     "EXACT",
@@ -341,7 +341,7 @@ def _gram32_parts(X: Tensor, rtol: float) -> tuple[Tensor, Tensor, Tensor, None]
     spectrum is narrow enough for float32 rounding of XXᵀ to stay far inside the
     1e-4 contract (otherwise the caller takes the float64 route).
     """
-    if X.shape[-1] < GRAM_ASPECT * X.shape[-2] or torch._C._functorch.is_functorch_wrapped_tensor(X):
+    if X.shape[-1] < GRAM_ASPECT * X.shape[-2] or no_data(X):
         return None  # near-square matrices are rarely that well conditioned: go straight to float64
     lam, U = torch.linalg.eigh((X @ X.mT).double())
     if not bool(((lam[..., :1] * _GRAM32_COND >= lam[..., -1:]) & (lam[..., -1:] > 0)).all()):
@@ -481,8 +481,7 @@ def _spectral_exact(M: Tensor, fn: Callable[[Tensor], _Spectral], svd: bool = Fa
 
 def _in_range(out: Tensor, M: Tensor) -> Tensor:
     """``out`` when finite; a result beyond M's dtype range (e.g. σ² of 1e30 in float32) is an error, not inf."""
-    if out.device.type != "meta" and not torch._C._functorch.is_functorch_wrapped_tensor(out) \
-            and not bool(torch.isfinite(out).all()):
+    if not no_data(out) and not bool(torch.isfinite(out).all()):
         raise ValueError(f"the result overflows {M.dtype} (M's singular values are up to "
                          f"{float(M.detach().double().abs().max()):.3g} in magnitude); pass M in float64, e.g. M.double()")
     return out
@@ -554,6 +553,8 @@ def _frobenius(X: Tensor) -> Tensor:
     float32 norm is used whenever it
     is finite and ≥ 1e-10 (squares lost to underflow then weigh < numel·1e-18 of it).
     """
+    if torch.compiler.is_compiling():  # no data-dependent branch in a graph: the wide accumulation, fused
+        return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float64)
     if X.device.type == "cpu" and X.dtype != torch.float64:
         n = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
         if bool((torch.isfinite(n) & (n >= 1e-10)).all()):
