@@ -427,6 +427,7 @@ def test_only_keeps_sections_of_a_report_in_the_earlier_layout(tmp_path, monkeyp
     assert "old b body with ## inside" in md and "](b-old.png)" in md and "old a body" not in md
     assert data["sections"]["b"]["kept"] == 1
     assert _pngs(tmp_path) == ["a-new.png", "b-old.png"]
+    assert "sections b: `quick` mode, seed 0; the machine was not recorded." in md
 
 
 def test_a_full_run_replaces_the_report_and_removes_plots_no_longer_made(tmp_path, monkeypatch):

@@ -493,7 +493,7 @@ def cpu_model() -> str:
 
 @functools.cache
 def bf16_gemm(n: int = 512) -> dict[str, Any]:
-    """Seconds of one float32 and one bfloat16 n×n GEMM (best of 3 after a warm-up); 'fast' when bf16 ≤ float32."""
+    """Seconds of one float32 and one bfloat16 n×n GEMM (best of 5 after a warm-up); 'fast' when bf16 ≤ float32."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g)
     times = {}
@@ -501,7 +501,7 @@ def bf16_gemm(n: int = 512) -> dict[str, Any]:
         x = a.to(dtype)
         x @ x  # warm-up
         best = math.inf
-        for _ in range(3):
+        for _ in range(5):
             t0 = time.perf_counter()
             x @ x
             best = min(best, time.perf_counter() - t0)
@@ -768,6 +768,9 @@ def _header(kind: str, runs: Sequence[RunInfo], settings: Settings, env: dict[st
                 else "load average unknown")
         busy = bool(loads) and max(loads) > ncores > 0
         which = "" if len(runs) == 1 else f" — sections {', '.join(r.sections)}"
+        if not m:  # a report written before the machine was recorded
+            lines.append(f"**Run of {r.date}**{which}: `{r.mode}` mode, seed {r.seed}; the machine was not recorded.")
+            continue
         lines.append(
             f"**Run of {r.date}**{which}: `{r.mode}` mode, seed {r.seed}. Machine: {m.get('cpu', '?')}, "
             f"{plural(ncores, 'core')}, {plural(int(m.get('threads', 0) or 0), 'torch thread')}, {speed}; {load}."

@@ -517,6 +517,7 @@ def _report(ctx: Context, plan: list[Run], base_pix: dict, base_rand: dict, cfg:
 def _report_cells(ctx: Context, precision: str, cells: dict[tuple[int, float, str], list[Run]]) -> None:
     """One precision arm: probe accuracy and the ξ statistics per (batch, T, loss), table and results."""
     mean_tail = lambda rs, key: statistics.fmean(_tail(r, key) for r in rs)  # noqa: E731
+    n_seeds = len(next(iter(cells.values())))
     rows = []
     for (b, t, loss), rs in sorted(cells.items()):
         rows.append([b, t, loss, _fmt([r.probe["1-shot"] for r in rs]), _fmt([r.probe["5-shot"] for r in rs]),
@@ -525,14 +526,15 @@ def _report_cells(ctx: Context, precision: str, cells: dict[tuple[int, float, st
                      mean_tail(rs, "median_log10_xi"), sum(r.nonfinite for r in rs)])
     ctx.table(
         ["batch", "T", "loss", "1-shot %", "5-shot %", "full %", "steps", "InfoNCE (end)", "ξ<1e-3", "ξ<u₃₂",
-         "ξ<u_bf16", "median log₁₀ξ", "non-finite"],
+         "ξ<u_bf16", "median log₁₀ξ", "diverged runs"],
         rows,
         caption=(
-            f"**{ARMS[precision]}** — probe accuracy, mean ± std over {len(rows and cells[next(iter(cells))])} "
-            "seed(s); steps = optimizer steps; the last five columns are training-batch statistics averaged over the "
+            f"**{ARMS[precision]}** — probe accuracy on the test split, "
+            + (f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed")
+            + "; steps = optimizer steps; the last five columns are training-batch statistics averaged over the "
             "last 20 % of epochs: the InfoNCE value, the share of anchors with ξ < 1e-3, with ξ below the float32 / "
             "bfloat16 unit roundoff (where cross-entropy's gradient on the positive is exactly 0 in that "
-            "precision), and the median of log₁₀ ξ."
+            "precision), and the median of log₁₀ ξ; diverged runs: runs whose weights became non-finite."
         ),
         floatfmt=".3g",
     )

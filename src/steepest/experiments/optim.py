@@ -61,6 +61,9 @@ GOAL = 0.8  # Muon reaches AdamW's final validation loss in at most this fractio
 CHANCE = {"digits": math.log(10), "char-LM": math.log(128)}  # the loss of a uniform prediction
 OPTIMIZERS = ["AdamW", "Muon (steepest)", "torch.optim.Muon", "SGD", "SignSGD"]
 COLORS = {"AdamW": "C0", "Muon (steepest)": "C3", "torch.optim.Muon": "C1", "SGD": "C2", "SignSGD": "C4"}
+# markers keep curves that coincide (the two Muons) apart; hollow for torch.optim.Muon
+MARKERS = {"AdamW": ("o", None), "Muon (steepest)": ("s", None), "torch.optim.Muon": ("D", "none"), "SGD": ("^", None),
+           "SignSGD": ("v", None)}
 
 
 # ---------------------------------------------------------------------------
@@ -351,8 +354,8 @@ def _claim(ctx: Context, results: dict[str, dict[str, dict]]) -> None:
         s_m, _ = steps_to(best["Muon (steepest)"], target)
         s_a, _ = steps_to(best["AdamW"], target)
         ratios[tname] = (s_m / s_a) if (s_m is not None and s_a) else math.nan
-        parts.append(f"{tname} {ratios[tname]:.2f}× ({s_m} vs {s_a} steps)" if s_m is not None
-                     else f"{tname}: not reached")
+        parts.append(f"{tname}: {ratios[tname]:.2f}× ({s_m} vs {s_a} steps)" if s_m is not None
+                     else f"{tname}: not reached in {best['Muon (steepest)']['steps'][-1]} steps")
     claim(ctx, "optim", f"steepest's Muon reaches AdamW's final validation loss in at most {GOAL:g}× AdamW's steps "
           "(each at its best learning rate of a small grid)", steps_verdict(ratios), "; ".join(parts),
           split="validation", seeds=[ctx.seed])
@@ -420,7 +423,7 @@ def _report_goal(ctx: Context, results: dict[str, dict[str, dict]], goal_rows: l
 
 def _plot_curves(ctx: Context, results: dict[str, dict[str, dict]]) -> None:
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
     for row, (tname, best) in enumerate(results.items()):
@@ -430,8 +433,10 @@ def _plot_curves(ctx: Context, results: dict[str, dict[str, dict]]) -> None:
             lab = f"{name} (lr {r['lr']:g})" + (f", {DIVERGED}" if diverged(tname, r) else "")
             fin = [v for v in r["val"] if math.isfinite(v)]
             vals += fin
+            mk, mfc = MARKERS[name]
             for ax, x in zip(axes[row], (r["steps"], r["seconds"])):
-                ax.plot(x[: len(fin)], fin, color=COLORS[name], label=lab)
+                ax.plot(x[: len(fin)], fin, color=COLORS[name], label=lab, marker=mk, mfc=mfc, ms=5,
+                        markevery=(OPTIMIZERS.index(name) % 3, 3))
                 if diverged(tname, r) and fin:
                     ax.plot(x[len(fin) - 1], fin[-1], "x", color="red", ms=9, mew=2.5)
         target = best["AdamW"]["final"]
@@ -441,8 +446,11 @@ def _plot_curves(ctx: Context, results: dict[str, dict[str, dict]]) -> None:
             ax.set_ylabel("validation loss (log scale)")
             ax.set_title(tname)
             ax.set_yscale("log")
-            # enough labelled ticks on a narrow log range (e.g. 2.1–4.9 for the char-LM)
-            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+            # enough labelled ticks on a narrow log range (e.g. 2.1–5.1 for the char-LM)
+            if max(vals) / min(vals) < 10:  # less than a decade: evenly spaced round values
+                ax.yaxis.set_major_locator(FixedLocator(MaxNLocator(nbins=7).tick_values(min(vals), max(vals))))
+            else:
+                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0), numticks=20))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
             ax.yaxis.set_minor_formatter(NullFormatter())
             ax.grid(alpha=0.25, which="major")

@@ -337,7 +337,7 @@ def _plot_along_training(ctx: Context, s: dict[str, Any]) -> None:
                     label=f"layer t = {t + 1}")
         ax.set_ylabel(name)
     ax = axes[1, 1]
-    ax.plot(x, s["mult"], marker="o", ms=3, label="multiplier Σ_t (1+‖h_t‖²)/(‖W_t‖²‖∇ₓh_t‖²) (median)")
+    ax.plot(x, s["mult"], marker="o", ms=3, label="multiplier Σ_t(…) (median)")
     ax.plot(x, s["ratio"], marker="s", ms=3, label="parameter ÷ input penalty")
     ax.set_yscale("log")
     ax.set_ylabel("multiplier and penalty ratio")
@@ -346,7 +346,7 @@ def _plot_along_training(ctx: Context, s: dict[str, Any]) -> None:
     ax.set_ylabel("tightness lhs / rhs")
     for ax in axes.flat:
         ax.grid(alpha=0.25)
-        ax.legend(fontsize=9, loc="upper right" if ax is axes[1, 1] else "best")
+        ax.legend(fontsize=9, loc="center right" if ax is axes[1, 1] else "best")  # its top-left holds data
     for ax in axes[1]:
         ax.set_xlabel("SGD step")
     fig.tight_layout()
