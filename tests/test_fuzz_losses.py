@@ -40,7 +40,13 @@ from steepest.losses import (
     pair_logits,
 )
 
-CASES: Counter[str] = Counter()
+CASES: Counter[str] = Counter()  # per test
+FUZZ: Counter[str] = Counter()  # this module's total, read by the shared summary hook in conftest.py
+
+
+def _count(test: str) -> None:
+    CASES[test] += 1
+    FUZZ["losses"] += 1
 MIN_CASES = 1400  # this file's share of the project-wide battery
 _BASE = settings(
     derandomize=True,
@@ -123,7 +129,7 @@ def logits_cases(draw):
 @fuzz(700)
 @given(case=logits_cases())
 def test_fuzz_info_nce_and_flat_nce(case):
-    CASES["info_flat"] += 1
+    _count("info_flat")
     rng = np.random.default_rng(case["seed"])
     B, K, dtype = case["B"], case["K"], case["dtype"]
     raw = case["shift"] + 10.0 ** case["log10_scale"] * rng.standard_normal((B, K))
@@ -247,7 +253,7 @@ def pair_cases(draw):
 @fuzz(450)
 @given(case=pair_cases())
 def test_fuzz_pair_losses(case):
-    CASES["pairs"] += 1
+    _count("pairs")
     rng = np.random.default_rng(case["seed"])
     N, D, dtype, tau = case["N"], case["D"], case["dtype"], case["tau"]
     scale = 10.0 ** case["log10_scale"]
@@ -316,7 +322,7 @@ def test_fuzz_pair_losses(case):
 @given(N=st.integers(2, 5), D=st.integers(1, 4), dtype=st.sampled_from(DTYPES), log10_scale=st.integers(-30, 30),
        tau=st.sampled_from(TAUS[1:-1]), seed=st.integers(0, 2**16))
 def test_fuzz_pair_logits(N, D, dtype, log10_scale, tau, seed):
-    CASES["pair_logits"] += 1
+    _count("pair_logits")
     rng = np.random.default_rng(seed)
     scale = 10.0**log10_scale
     z1 = torch.tensor(scale * rng.standard_normal((N, D))).to(dtype)
@@ -342,7 +348,7 @@ def test_fuzz_pair_logits(N, D, dtype, log10_scale, tau, seed):
        special=st.sampled_from(SPECIALS), seed=st.integers(0, 2**16),
        res=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]))
 def test_fuzz_nce_diagnostics(B, K, dtype, log10_scale, special, seed, res):
-    CASES["diagnostics"] += 1
+    _count("diagnostics")
     rng = np.random.default_rng(seed)
     raw = _inject(10.0**log10_scale * rng.standard_normal((B, K)), special, rng)
     x = torch.tensor(raw).to(dtype)
@@ -416,7 +422,7 @@ _BAD = [(arg, i, j) for arg, calls in BAD_CALLS.items() for i in range(len(calls
 @fuzz(220)
 @given(which=st.sampled_from(_BAD))
 def test_fuzz_bad_arguments_are_named(which):
-    CASES["bad_args"] += 1
+    _count("bad_args")
     arg, i, j = which
     value = BAD_VALUES[arg][j]
     with pytest.raises((ValueError, TypeError)) as info:

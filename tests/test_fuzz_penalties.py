@@ -17,7 +17,9 @@ of the magnitudes of the terms of ``g_j``:
   ``|Δ| ≤ (2/ε)[4u(|g| + |g(θ+εg)|) + c·u(|θ| + ε|g|)] + 8u|2cg|`` per entry (the step
   rounds to the parameter's spacing in its own dtype);
 * occam_bound: ``rhs`` and ``‖∇_x f‖²`` within ``1e-3`` (float32) / ``1e-9`` (float64)
-  relative of float64 autograd, and ``lhs ≤ rhs(1 + that)``.
+  relative of float64 autograd, plus four times float32 autograd's own distance from
+  float64 (a saturated tanh's derivative ``1 − tanh²`` cancels in float32), and
+  ``lhs ≤ rhs`` within the same slack.
 """
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ from steepest.penalties import (
     param_penalty_grads_fd,
 )
 
-CASES: Counter[str] = Counter()
+CASES: Counter[str] = Counter()  # per test
+FUZZ: Counter[str] = Counter()  # this module's total, read by the shared summary hook in conftest.py
+
+
+def _count(test: str) -> None:
+    CASES[test] += 1
+    FUZZ["penalties"] += 1
 MIN_CASES = 1300
 _BASE = settings(
     derandomize=True,
@@ -93,7 +101,7 @@ def input_cases(draw):
 @fuzz(600)
 @given(case=input_cases())
 def test_fuzz_input_grad_norm2(case):
-    CASES["input"] += 1
+    _count("input")
     rng = np.random.default_rng(case["seed"])
     B, dtype, method = case["B"], case["dtype"], case["method"]
     s, a, q, c = case["coef"]
@@ -183,7 +191,7 @@ def param_cases(draw):
 @fuzz(450)
 @given(case=param_cases())
 def test_fuzz_param_penalties(case):
-    CASES["params"] += 1
+    _count("params")
     rng = np.random.default_rng(case["seed"])
     dtype, c, q = case["dtype"], case["c"], case["q"]
     ps = [
@@ -240,6 +248,8 @@ def test_fuzz_param_penalties(case):
             if not on:
                 assert np.all(have == 0)
                 continue
+            if np.abs(want).max(initial=0.0) > torch.finfo(dtype).max / 2:
+                continue  # autograd returns it in the parameter's dtype, which cannot hold it
             assert np.all(np.abs(have - want) <= 32 * u * 2 * abs(c) * (abs(c) * np.abs(p) + abs(q)) + 4 * _tiny(dtype))
         return
     assert len(res.grads) == len(res.penalty_grads) == len(listed)
@@ -296,7 +306,7 @@ def _per_example_reference(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarra
 @fuzz(300)
 @given(case=mlp_cases())
 def test_fuzz_occam_bound(case):
-    CASES["occam"] += 1
+    _count("occam")
     gen = torch.Generator().manual_seed(case["seed"])
     widths, dtype, odd = case["widths"], case["dtype"], case["odd"]
     layers: list[nn.Module] = []
@@ -322,7 +332,7 @@ def test_fuzz_occam_bound(case):
         layers.insert(1, nn.BatchNorm1d(widths[1]).double())
     elif odd == "whitening":
         layers.insert(1, Whitening(widths[1]).double())
-    elif odd == "shared":
+    elif odd == "shared" or (odd == "dtype" and dtype == torch.float64):
         odd = None
     ref_model = nn.Sequential(*layers)
     model = copy.deepcopy(ref_model).to(dtype) if odd != "dtype" else ref_model
@@ -350,10 +360,15 @@ def test_fuzz_occam_bound(case):
     rhs, gx2 = _per_example_reference(ref_model, x.double())
     rtol = 1e-3 if dtype == torch.float32 else 1e-9
     tiny = 1e6 * _tiny(dtype)
-    np.testing.assert_allclose(b.rhs.double().numpy(), rhs, rtol=rtol, atol=tiny)
-    np.testing.assert_allclose(b.input_grad_norm2.double().numpy(), gx2, rtol=rtol, atol=tiny)
-    assert bool((b.lhs <= b.rhs * (1 + rtol) + tiny).all())
-    assert b.violations(rtol=rtol) == 0 or bool((b.rhs < tiny).any())
+    # no less precise than float32 autograd: a saturated tanh's derivative 1 − tanh² cancels there
+    rhs32, gx32 = _per_example_reference(model, x) if dtype == torch.float32 else (rhs, gx2)
+    slack_r, slack_g = 4 * np.abs(rhs32 - rhs), 4 * np.abs(gx32 - gx2)
+    assert np.all(np.abs(b.rhs.double().numpy() - rhs) <= rtol * rhs + slack_r + tiny)
+    assert np.all(np.abs(b.input_grad_norm2.double().numpy() - gx2) <= rtol * gx2 + slack_g + tiny)
+    lhs = b.lhs.double().numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel_g = np.where(gx2 > 0, slack_g / np.where(gx2 > 0, gx2, 1.0), 0.0)  # lhs ∝ ‖∇_x f‖²
+    assert np.all(lhs <= rhs * (1 + 2 * rtol) + slack_r + lhs * rel_g + tiny)
 
 
 # ----------------------------------------------------------------------------- check_per_example
@@ -374,7 +389,7 @@ NORMS = ["bn_train", "bn_eval", "bn_eval_nostats", "wh_train", "wh_eval", "wh_ev
 @fuzz(120)
 @given(which=st.lists(st.sampled_from(NORMS), min_size=1, max_size=2), nest=st.booleans())
 def test_fuzz_check_per_example_matches_the_dependence(which, nest):
-    CASES["per_example"] += 1
+    _count("per_example")
     torch.manual_seed(0)
     mods: list[nn.Module] = [nn.Linear(3, 4)]
     for w in which:
@@ -448,7 +463,7 @@ _BAD = [(arg, i, j) for arg, calls in BAD_CALLS.items() for i in range(len(calls
 @fuzz(200)
 @given(which=st.sampled_from(_BAD))
 def test_fuzz_bad_arguments_are_named(which):
-    CASES["bad_args"] += 1
+    _count("bad_args")
     arg, i, j = which
     value = BAD_VALUES[arg][j]
     with pytest.raises((ValueError, TypeError)) as info:
