@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny sizes that only exercise the code, for the tests (default: quick sizes)")
     b.set_defaults(mode="quick")
     b.add_argument("--seed", type=int, default=0, help="random seed of the timed inputs (default: %(default)s)")
+    b.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the timed tensors live (default: %(default)s)")
     b.add_argument("-v", "--verbose", action="store_true", default=True, help=argparse.SUPPRESS)
 
     sub.add_parser("list", help="list the experiments (with their notes) and the benchmarks",
@@ -205,7 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         from .benchmarks import REGISTRY
 
-        settings = Settings(mode=args.mode, seed=args.seed, warmup=args.warmup, repeat=args.repeat, shapes=args.shapes)
+        import torch
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            print("steepest bench --device cuda: this torch sees no CUDA device; run on a GPU machine or use "
+                  "--device cpu", file=sys.stderr)
+            return 2
+        settings = Settings(mode=args.mode, seed=args.seed, warmup=args.warmup, repeat=args.repeat, shapes=args.shapes,
+                            device=args.device)
     entries = select(REGISTRY, args.only)
     return run_sections(args.command, entries, args.out, settings, verbose=args.verbose,
                         partial=len(entries) < len(REGISTRY), order=list(REGISTRY))

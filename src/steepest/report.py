@@ -163,6 +163,7 @@ class Settings:
     warmup: int = 1
     repeat: int = 5
     shapes: list[tuple[int, int]] | None = None
+    device: str = "cpu"
 
 
 class Context:
@@ -172,7 +173,7 @@ class Context:
     default of ``steepest reproduce``) or ``"full"``. ``jobs`` is how many worker
     processes :meth:`map` may use; ``warmup`` and ``repeat`` are :meth:`timeit`'s
     defaults; ``shapes`` are matrix shapes asked for on the command line (None:
-    the benchmark picks its own). ``timing_tables``: every table is a timing table
+    the benchmark picks its own); ``device`` is where benchmarks run (``--device``). ``timing_tables``: every table is a timing table
     (the benchmarks), see :meth:`table`.
     """
 
@@ -187,6 +188,7 @@ class Context:
         warmup: int = 1,
         repeat: int = 5,
         shapes: list[tuple[int, int]] | None = None,
+        device: str = "cpu",
         progress: Any = None,
         echo: Callable[[str], None] | None = None,
         timing_tables: bool = False,
@@ -204,6 +206,7 @@ class Context:
         self.warmup: int = int(warmup)
         self.repeat: int = int(repeat)
         self.shapes: list[tuple[int, int]] | None = list(shapes) if shapes else None
+        self.device = torch.device(device)
         self.timing_tables = timing_tables
         self._progress = progress
         self._echo = echo
@@ -214,7 +217,7 @@ class Context:
     def of(cls, section: Section, out: Path, settings: Settings, **kwargs: Any) -> Context:
         """A context for ``section`` with the run's ``settings`` (``kwargs``: progress, echo, timing_tables)."""
         return cls(section, out, settings.mode, settings.seed, jobs=settings.jobs, warmup=settings.warmup,
-                   repeat=settings.repeat, shapes=settings.shapes, **kwargs)
+                   repeat=settings.repeat, shapes=settings.shapes, device=settings.device, **kwargs)
 
     # -- sizes ---------------------------------------------------------------
     @property

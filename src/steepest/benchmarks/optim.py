@@ -36,27 +36,28 @@ def gpt_shapes(blocks: int, d: int) -> list[tuple[int, int]]:
     return [s for _ in range(blocks) for s in [(d, d)] * 4 + [(4 * d, d), (d, 4 * d)]]
 
 
+def torch_ns_float32(grad: torch.Tensor, ns_coefficients: Any, ns_steps: int, eps: float) -> torch.Tensor:
+    """torch.optim.Muon's Newton–Schulz (``torch.optim._muon``), minus its cast to bfloat16."""
+    a, b, c = ns_coefficients
+    X = grad.float()
+    tall = grad.size(0) > grad.size(1)
+    if tall:
+        X = X.T
+    X = X / X.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        A = X @ X.T
+        B = torch.addmm(A, A, A, beta=b, alpha=c)
+        X = torch.addmm(X, B, X, beta=a)
+    return X.T if tall else X
+
+
 @contextmanager
 def torch_ns_in_float32() -> Iterator[None]:
-    """torch.optim.Muon with its own Newton–Schulz, minus the cast to bfloat16."""
+    """torch.optim.Muon with its own Newton–Schulz computed in float32 (patched in for the measurement)."""
     import torch.optim._muon as tm
 
     real = tm._zeropower_via_newtonschulz
-
-    def ns32(grad: torch.Tensor, ns_coefficients: Any, ns_steps: int, eps: float) -> torch.Tensor:
-        a, b, c = ns_coefficients
-        X = grad.float()
-        tall = grad.size(0) > grad.size(1)
-        if tall:
-            X = X.T
-        X = X / X.norm().clamp(min=eps)
-        for _ in range(ns_steps):
-            A = X @ X.T
-            B = torch.addmm(A, A, A, beta=b, alpha=c)
-            X = torch.addmm(X, B, X, beta=a)
-        return X.T if tall else X
-
-    tm._zeropower_via_newtonschulz = ns32
+    tm._zeropower_via_newtonschulz = torch_ns_float32
     try:
         yield
     finally:
@@ -71,6 +72,8 @@ def _interleaved(ctx: Context, fns: dict[str, Callable[[], Any]]) -> dict[str, t
     that call alone.
     """
     warmup, repeat = ctx.warmup, ctx.repeat
+    if ctx.device.type == "cuda":  # time finished work, not queued kernels
+        fns = {k: (lambda f=f: (f(), torch.cuda.synchronize())) for k, f in fns.items()}
     out: dict[str, tuple[float, int]] = {}
     for name, fn in ctx.track(list(fns.items()), "warm-up (first call of each case)"):
         t0 = time.perf_counter()
@@ -95,8 +98,8 @@ def _interleaved(ctx: Context, fns: dict[str, Callable[[], Any]]) -> dict[str, t
 
 def _table(ctx: Context, shapes: list[tuple[int, int]], cases: list, gen: torch.Generator,
            ns_cases: dict[str, Callable[[list[torch.Tensor]], Any]], caption: str, peer: str) -> dict[str, float]:
-    base = [torch.randn(*s, generator=gen) * s[1] ** -0.5 for s in shapes]
-    grads = [torch.randn(*s, generator=gen) for s in shapes]
+    base = [(torch.randn(*s, generator=gen) * s[1] ** -0.5).to(ctx.device) for s in shapes]
+    grads = [torch.randn(*s, generator=gen).to(ctx.device) for s in shapes]
     bufs = [torch.zeros_like(g) for g in grads]
     mats = [x.reshape(matrix_shape(x.shape)) for x in muon_momentum(grads, bufs, momentum=0.95)]
     fns: dict[str, Callable[[], Any]] = {}
@@ -126,13 +129,19 @@ def _table(ctx: Context, shapes: list[tuple[int, int]], cases: list, gen: torch.
 
 
 def run(ctx: Context) -> None:
+    from ..linalg import fast_bf16, ns_dtype_for
+
     blocks, d = ctx.pick((1, 64), (6, 512), (12, 768))
     gen = torch.Generator().manual_seed(ctx.seed)
     shapes = gpt_shapes(blocks, d)
     n = sum(a * b for a, b in shapes)
-    T_BF16 = "torch.optim.Muon (Keller Jordan ×5, bfloat16)"
+    fast = fast_bf16(ctx.device)
+    auto = ns_dtype_for(torch.empty(0, device=ctx.device), "auto")
+    kind = "fast bf16 (auto → bfloat16)" if fast else "slow bf16 (auto → float32)"
+    T_BF16 = "torch.optim.Muon (default: Keller Jordan ×5, bfloat16)"
     T_F32 = "torch.optim.Muon, its NS in float32"
-    S_DEF = "steepest Muon, default (Polar Express ×5, float32)"
+    S_DEF = f"steepest Muon (default: Polar Express ×5, ns_dtype='auto' = {str(auto).replace('torch.', '')})"
+    S_DEF32 = "steepest Muon, Polar Express ×5, float32"
     S_KJ32 = "steepest Muon, Keller Jordan ×5, float32"
     S_KJ16 = "steepest Muon, Keller Jordan ×5, bfloat16"
     kw = dict(lr=0.02, weight_decay=0.1)
@@ -140,22 +149,25 @@ def run(ctx: Context) -> None:
         (T_BF16, lambda ps: torch.optim.Muon(ps, **kw), False),
         (S_DEF, lambda ps: Muon(ps, **kw), False),
         (T_F32, lambda ps: torch.optim.Muon(ps, **kw), True),
-        (S_KJ32, lambda ps: Muon(ps, ns_coefficients=KELLER_JORDAN, **kw), False),
+        (S_KJ32, lambda ps: Muon(ps, ns_coefficients=KELLER_JORDAN, ns_dtype=torch.float32, **kw), False),
         ("torch.optim.AdamW (same matrices)", lambda ps: torch.optim.AdamW(ps, lr=1e-3), False),
     ]
     ns_cases = {
-        S_DEF: lambda mats: orthogonalize(mats),
-        S_KJ32: lambda mats: orthogonalize(mats, schedule=[KELLER_JORDAN] * 5),
+        S_DEF: lambda mats: orthogonalize(mats, ns_dtype="auto"),
+        S_KJ32: lambda mats: orthogonalize(mats, schedule=[KELLER_JORDAN] * 5, ns_dtype=torch.float32),
     }
+    if fast:  # the default computes in bf16 here: time the float32 default too, against torch in float32
+        cases.insert(3, (S_DEF32, lambda ps: Muon(ps, ns_dtype=torch.float32, **kw), False))
+        ns_cases[S_DEF32] = lambda mats: orthogonalize(mats, ns_dtype=torch.float32)
     threads = torch.get_num_threads()
     main = _table(
         ctx, shapes, cases, gen, ns_cases, peer=T_BF16,
         caption=(f"One optimizer step on the hidden matrices of a {blocks}-block, d={d} GPT ({len(shapes)} matrices, "
-                 f"{n / 1e6:.1f} M parameters; per block q, k, v, o {d}×{d}, MLP {4 * d}×{d} and {d}×{4 * d}); median "
-                 f"of `--repeat` runs after `--warmup`, all cases interleaved round by round (one run when a step takes "
-                 f"> {SLOW:.0f} s), {threads} threads. "
-                 "steepest Muon batches same-shaped matrices up to 2¹⁷ entries on CPU (larger ones go one by one, "
-                 "faster there); torch.optim.Muon loops over all."),
+                 f"{n / 1e6:.1f} M parameters; per block q, k, v, o {d}×{d}, MLP {4 * d}×{d} and {d}×{4 * d}) on "
+                 f"{ctx.device.type}, a {kind} device; median of `--repeat` runs after `--warmup`, all cases "
+                 f"interleaved round by round (one run when a step takes > {SLOW:.0f} s), {threads} threads. "
+                 "steepest Muon runs the wide MLP matrices in Gram space (float32) and batches same-shaped "
+                 "matrices up to 2¹⁷ entries on CPU; torch.optim.Muon loops over all."),
     )
     small_blocks, small_d = ctx.pick((1, 32), (1, 256), (1, 512))
     small = _table(
@@ -164,22 +176,27 @@ def run(ctx: Context) -> None:
          (S_KJ16, lambda ps: Muon(ps, ns_coefficients=KELLER_JORDAN, ns_dtype=torch.bfloat16, **kw), False)],
         gen, {S_KJ16: lambda mats: orthogonalize(mats, schedule=[KELLER_JORDAN] * 5, ns_dtype=torch.bfloat16)},
         peer=T_BF16,
-        caption=f"Same NS in the same dtype (bfloat16), one block of d={small_d} (bfloat16 is too slow on CPU for "
-                "the full set).",
+        caption=f"Same NS in the same dtype (bfloat16), one block of d={small_d}.",
     )
     r_def = main[S_DEF] / main[T_BF16]
-    r_f32 = main[S_KJ32] / main[T_F32]
+    r_def32 = main[S_DEF32 if fast else S_DEF] / main[T_F32]
+    r_kj32 = main[S_KJ32] / main[T_F32]
     r_b16 = small[S_KJ16] / small[T_BF16]
+    ctx.result("device", {"type": ctx.device.type, "fast_bf16": fast, "auto_ns_dtype": str(auto)})
     ctx.result("step_ms", {k: v * 1e3 for k, v in main.items()})
     ctx.result("bf16_step_ms", {k: v * 1e3 for k, v in small.items()})
     ctx.result("ratio_default_vs_torch", r_def)
-    ctx.result("ratio_same_ns_float32", r_f32)
+    ctx.result("ratio_default_float32_vs_torch_float32", r_def32)
+    ctx.result("ratio_same_ns_float32", r_kj32)
     ctx.result("ratio_same_ns_bfloat16", r_b16)
-    ctx.result("goal_step_time_le_torch", bool(r_def <= 1.0))
+    ctx.result("goal_default_le_0.7", bool(r_def <= 0.7))
+    ctx.result("goal_float32_le_0.7", bool(r_def32 <= 0.7))
     ctx.text(
-        f"**Goal: steepest Muon's step ≤ 1.0× torch.optim.Muon's.** Default settings against torch's defaults: "
-        f"{r_def:.3f}× ({'met' if r_def <= 1.0 else 'not met'}). Most of that edge is the dtype — torch.optim.Muon "
-        "computes Newton–Schulz in bfloat16, which this CPU multiplies far more slowly than float32, while steepest "
-        "Muon computes in the gradient's dtype. Like for like, same coefficients in the same dtype: "
-        f"{r_f32:.2f}× in float32 (full set), {r_b16:.2f}× in bfloat16 (small set)."
+        f"**Goals (on a {kind} device): steepest Muon's default step ≤ 0.7× torch.optim.Muon's default, and ≤ 0.7× "
+        f"in float32 against torch with its NS in float32.** Default vs default: {r_def:.3f}× "
+        f"({'met' if r_def <= 0.7 else 'not met'}); float32 vs float32: {r_def32:.2f}× "
+        f"({'met' if r_def32 <= 0.7 else 'not met'}). The same coefficients (Keller Jordan's) in the same dtype: "
+        f"{r_kj32:.2f}× in float32 (what the Gram-space iteration of the wide matrices saves), {r_b16:.2f}× in "
+        "bfloat16 (small set). Where bfloat16 is slow (CPUs without bf16 units) torch's default pays for it and "
+        "ns_dtype='auto' does not."
     )
