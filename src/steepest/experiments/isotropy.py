@@ -34,7 +34,7 @@ from torch import nn
 
 from ..isotropy import AlignmentMonitor, Whitening, feature_alignment, isotropy_metrics, whiten
 from ..optim import Muon, SignSGD
-from ..report import DIVERGED, Context, plural
+from ..report import DIVERGED, Context
 from . import claim
 from ._data import digits_generator_split
 
