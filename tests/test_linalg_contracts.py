@@ -298,3 +298,9 @@ def test_newton_schulz_msign_compiles_without_graph_breaks_or_recompiles():
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(50):
             fn(torch.randn(3, 16, 40, generator=g))
+
+
+def test_inv_sqrt_under_vmap():
+    A = torch.randn(4, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    A = A @ A.mT + torch.eye(5, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(inv_sqrt)(A), inv_sqrt(A), atol=1e-12, rtol=0)

@@ -511,7 +511,8 @@ def _check_positive(lam: Tensor) -> None:
 def _inv_sqrt_parts(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Q, f(Λ) = Λ^{-1/2} and the Daleckii–Krein matrix L_ij = (f_i − f_j)/(λ_i − λ_j) (f' on the diagonal)."""
     lam, Q = torch.linalg.eigh(A)
-    _check_positive(lam.detach())
+    if not no_data(lam):
+        _check_positive(lam.detach())
     r = lam.sqrt()
     # closed form of the divided difference of λ^{-1/2}: finite at repeated eigenvalues (A ≈ I)
     L = -1.0 / (r.unsqueeze(-1) * r.unsqueeze(-2) * (r.unsqueeze(-1) + r.unsqueeze(-2)))
@@ -523,17 +524,25 @@ class _InvSqrt(torch.autograd.Function):
 
     Backward (Daleckii–Krein): ``∇A = Q [(Qᵀ sym(G) Q) ∘ L] Qᵀ``; like
     :class:`_SpectralFunction`, it rebuilds the eigendecomposition with autograd
-    when a second derivative is asked for.
+    when a second derivative is asked for, and batches under ``torch.func.vmap``.
     """
 
-    @staticmethod
-    def forward(ctx, A: Tensor) -> Tensor:  # type: ignore[override]
-        Q, fl, L = _inv_sqrt_parts(A)
-        ctx.save_for_backward(A, Q, L)
-        return (Q * fl.unsqueeze(-2)) @ Q.mT
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, G: Tensor):  # type: ignore[override]
+    def forward(A: Tensor):  # type: ignore[override]
+        Q, fl, L = _inv_sqrt_parts(A)
+        return (Q * fl.unsqueeze(-2)) @ Q.mT, Q, L
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[override]
+        (A,) = inputs
+        _, Q, L = output
+        ctx.mark_non_differentiable(Q, L)
+        ctx.save_for_backward(A, Q, L)
+
+    @staticmethod
+    def backward(ctx, G: Tensor, *_):  # type: ignore[override]
         A, Q, L = ctx.saved_tensors
         if torch.is_grad_enabled():
             Q, _, L = _inv_sqrt_parts(A)
@@ -1135,13 +1144,14 @@ def inv_sqrt(
     n = A.shape[-1]
     scale = A.detach().abs().amax(dim=(-2, -1), keepdim=True)
     asym = (A.detach() - A.detach().mT).abs().amax(dim=(-2, -1), keepdim=True)
-    if bool((asym > 1e3 * torch.finfo(_work_dtype(A.dtype)).eps * scale.clamp_min(torch.finfo(A.dtype).tiny)).any()):
+    if not no_data(A) and bool((asym > 1e3 * torch.finfo(_work_dtype(A.dtype)).eps
+                                * scale.clamp_min(torch.finfo(A.dtype).tiny)).any()):
         raise ValueError("A must be symmetric; symmetrize it first, e.g. 0.5 * (A + A.mT)")
     if eps:
         A = A + eps * torch.eye(n, dtype=A.dtype, device=A.device)
     if method == "eigh":
         A64 = A.to(torch.float64)
-        return _InvSqrt.apply(0.5 * (A64 + A64.mT)).to(A.dtype)
+        return _InvSqrt.apply(0.5 * (A64 + A64.mT))[0].to(A.dtype)
     if method != "newton_schulz":
         raise ValueError(f"method must be 'eigh' or 'newton_schulz', got {method!r}")
     _check_positive(torch.linalg.eigvalsh(A.detach().to(torch.float64)))
