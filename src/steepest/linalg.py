@@ -592,7 +592,9 @@ def _newton_schulz(X: Tensor, rows: Rows, safety: float, *, gram_scale: bool = F
     ``R = XXᵀ`` (m×m) and accumulate ``Q = ∏ p_k(R_k)``, ``R ← P R P``, then
     ``X ← Q X₀`` (Gram Newton–Schulz; Zhang, Amsel, Chen, Dao 2026): four m×m
     products a step instead of two m×n ones and one m×m, the same polynomial in
-    exact arithmetic. Not in half precision, where the commuted products drift.
+    exact arithmetic; in float32 the two agree to ~1e-4 on spectra spread over
+    1e-3…1 (rounding amplified by Q's gain), far below the iteration's own
+    distance from msign. Not in half precision, where the commuted products drift.
     """
     shape = X.shape
     X = X.reshape(-1, shape[-2], shape[-1]) if X.ndim != 2 else X
