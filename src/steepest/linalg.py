@@ -475,7 +475,8 @@ def _spectral_exact(M: Tensor, fn: Callable[[Tensor], _Spectral], svd: bool = Fa
     X, t = _wide(M)
     s = _pow2_scale(X)
     Xs = X.to(torch.float64) / s if M.dtype == torch.float64 else X.float() / s.float()
-    out = _spectral_apply(Xs, _rank_rtol(M.shape, M.dtype), fn(s[..., 0]), svd).double() * s
+    out = _spectral_apply(Xs, _rank_rtol(M.shape, M.dtype), fn(s[..., 0]), svd)
+    out = out * s.to(out.dtype)  # a power of two: exact, and no pass in float64 over a float32 result
     return _in_range(_unwide(out, t).to(M.dtype), M)
 
 
