@@ -12,7 +12,15 @@ Every class derives from :class:`SteepestOptimizer` (argument checks, the
 """
 
 from ._base import NonFiniteGradientError, NonFiniteGradientWarning, SteepestOptimizer
-from ._matrices import DDP_STRATEGIES, Placement, matrix_shape, orthogonalize, project_spectral_ball
+from ._matrices import (
+    DDP_STRATEGIES,
+    MatrixView,
+    Placement,
+    matrix_shape,
+    orthogonalize,
+    orthogonalize_blocks,
+    project_spectral_ball,
+)
 from .eg import (
     EGD,
     EGDD,
@@ -54,6 +62,7 @@ __all__ = [
     "muon_lr_scale",
     "adamw_step",
     "orthogonalize",
+    "orthogonalize_blocks",
     "project_spectral_ball",
     "sign_step",
     "egd_step",
@@ -65,6 +74,7 @@ __all__ = [
     # parameter layout and placement
     "muon_param_groups",
     "matrix_shape",
+    "MatrixView",
     "Placement",
     "DDP_STRATEGIES",
     "KELLER_JORDAN",

@@ -5,10 +5,17 @@ Muon's orthogonalization (``msign``) and its spectral-ball projection need whole
 on whatever piece of a parameter a rank holds. :class:`Placement` is the one
 place that decides where a whole-matrix map runs — locally, dealt out across DDP
 ranks, or on FSDP2 shards — using the generic maps of :mod:`steepest.distributed`.
+
+A :class:`MatrixView` says which matrices a parameter is: by default the one
+(out, in·…) matrix of :func:`matrix_shape`; optionally a stack of matrices over
+the leading dimensions (``batched``), or row blocks (``split``, ``heads``) such
+as the Q, K and V parts of a fused projection. :meth:`Placement.map_blocks` maps
+every block of every parameter, batching blocks of one shape together.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -19,12 +26,12 @@ import torch
 from torch import Tensor
 
 from .. import linalg
-from .._validate import check_choice
-from ..distributed import is_dtensor, map_replicated, map_whole_matrices, shard_strategy
+from .._validate import check_choice, check_flag, check_int
+from ..distributed import is_dtensor, local_part, map_replicated, map_whole_matrices, shard_strategy
 from ..linalg import NSConfig, resolve_schedule
 
-__all__ = ["DDP_STRATEGIES", "Placement", "matrix_shape", "orthogonalize", "orthogonalize_sharded",
-           "project_spectral_ball"]
+__all__ = ["DDP_STRATEGIES", "MatrixView", "Placement", "matrix_shape", "orthogonalize", "orthogonalize_blocks",
+           "orthogonalize_sharded", "project_spectral_ball"]
 
 #: ``"local"``: every DDP rank maps every matrix; ``"partition"``: each maps its share, one all-gather shares them.
 DDP_STRATEGIES = ("local", "partition")
@@ -42,6 +49,191 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
     if len(shape) < 2:
         raise ValueError(f"a Muon parameter needs at least 2 dimensions, got shape {tuple(shape)}")
     return int(shape[0]), int(math.prod(shape[1:]))
+
+
+@dataclass(frozen=True)
+class MatrixView:
+    """Which matrices a parameter is, for Muon's whole-matrix maps (``msign``, the spectral-ball projection).
+
+    A tensor of shape S is read as R rows of N entries, cut into consecutive row
+    blocks; each block is one (m, N) matrix, orthogonalized and lr-scaled on its own:
+
+    - default: the one (out, in·…) matrix of :func:`matrix_shape` (R = S[0],
+      N = S[1]·…·S[-1]), as for conv weights in Keller Jordan's Muon;
+    - ``batched=True`` (ndim ≥ 3): a stack of S[-2] × S[-1] matrices over the
+      leading dimensions (R = S[0]·…·S[-2], N = S[-1]), e.g. the experts of a
+      mixture-of-experts layer stored as one (E, out, in) tensor;
+    - ``split=(d_1, …, d_k)``: each matrix's rows cut into blocks of d_1, …, d_k
+      rows (they must add up to its rows), e.g. the Q, K and V parts of a fused
+      (3d, d) projection;
+    - ``heads=h``: each matrix's rows (or each split block's) cut into h equal blocks.
+    """
+
+    batched: bool = False
+    split: tuple[int, ...] | None = None
+    heads: int | None = None
+
+    def __post_init__(self) -> None:
+        check_flag("batched", self.batched)
+        if self.split is not None:
+            sp = self.split
+            if isinstance(sp, (str, bytes)) or not isinstance(sp, Sequence) or len(sp) == 0:
+                raise ValueError(f"split must be None or a non-empty sequence of positive row counts, got {sp!r}")
+            object.__setattr__(self, "split", tuple(check_int("split entry", d, low=1) for d in sp))
+        if self.heads is not None:
+            check_int("heads", self.heads, low=1)
+
+    def row_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of one value per row: ``S[:-1]`` when batched (ndim ≥ 3), else ``(S[0],)``."""
+        shape = tuple(int(d) for d in shape)
+        matrix_shape(shape)  # at least 2-D
+        return shape[:-1] if self.batched and len(shape) >= 3 else shape[:1]
+
+    def layout(self, shape: Sequence[int]) -> tuple[int, int, tuple[int, ...]]:
+        """``(R, N, sizes)``: the tensor as R rows of N entries cut into consecutive row blocks of ``sizes`` rows."""
+        shape = tuple(int(d) for d in shape)
+        rows = self.row_shape(shape)
+        if len(rows) > 1:
+            M, N, count = shape[-2], shape[-1], math.prod(shape[:-2])
+        else:
+            (M, N), count = matrix_shape(shape), 1
+        return count * M, N, self._cut(M) * count
+
+    def _cut(self, M: int) -> tuple[int, ...]:
+        blocks: tuple[int, ...] = (M,)
+        if self.split is not None:
+            if sum(self.split) != M:
+                raise ValueError(f"split={self.split} adds up to {sum(self.split)} rows, but the matrix has {M} rows")
+            blocks = self.split
+        h = self.heads
+        if h is not None and h > 1:
+            if any(b % h for b in blocks):
+                what = f"the split blocks {blocks}" if self.split is not None else f"the {M} rows"
+                raise ValueError(f"heads={h} does not divide {what} into equal blocks")
+            blocks = tuple(b // h for b in blocks for _ in range(h))
+        return blocks
+
+    def is_whole(self, shape: Sequence[int]) -> bool:
+        """True when the view is the one (out, in·…) matrix of :func:`matrix_shape` (the default)."""
+        return len(self.row_shape(shape)) == 1 and len(self.layout(shape)[2]) == 1
+
+    def block_shapes(self, shape: Sequence[int]) -> list[tuple[int, int]]:
+        """The (m, N) shape of every block, in order."""
+        _, N, sizes = self.layout(shape)
+        return [(m, N) for m in sizes]
+
+    def blocks(self, x: Tensor) -> list[Tensor]:
+        """The blocks of a plain tensor, as (m, N) views of its rows where its layout allows."""
+        R, N, sizes = self.layout(x.shape)
+        return list(x.reshape(R, N).split(sizes)) if sizes else []
+
+    def join(self, blocks: Sequence[Tensor], shape: Sequence[int]) -> Tensor:
+        """The inverse of :meth:`blocks`: one new tensor of ``shape`` from its blocks (or same-shaped results)."""
+        R, N, sizes = self.layout(shape)
+        if len(blocks) != len(sizes):
+            raise ValueError(f"{len(blocks)} blocks given, the view of shape {tuple(shape)} has {len(sizes)}")
+        if not sizes:
+            raise ValueError(f"the view of shape {tuple(shape)} has no blocks to join")
+        return torch.cat([b.reshape(m, N) for b, m in zip(blocks, sizes)]).view(tuple(shape))
+
+
+WHOLE = MatrixView()
+
+
+def as_views(views: MatrixView | Sequence[MatrixView] | None, n: int) -> list[MatrixView]:
+    """One :class:`MatrixView` per tensor: ``None`` the default view, one view for all, or a list of n."""
+    if views is None:
+        return [WHOLE] * n
+    if isinstance(views, MatrixView):
+        return [views] * n
+    vs = list(views)
+    if len(vs) != n or not all(isinstance(v, MatrixView) for v in vs):
+        raise ValueError(f"views must be None, a MatrixView or {n} MatrixViews (one per tensor), got {views!r}")
+    return vs
+
+
+def _row_ranges(x: Tensor, rows: int) -> tuple[list[tuple[int, int]], int] | None:
+    """Each rank's [a, b) range of a DTensor's ``rows`` rows, and this rank's index; None if every rank holds all."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = x.device_mesh
+    if mesh.ndim != 1:
+        raise NotImplementedError(
+            f"only 1-D device meshes are supported (FSDP2's default), got a {mesh.ndim}-D mesh")
+    (pl,) = x.placements
+    if isinstance(pl, Replicate) or mesh.size() == 1:
+        return None
+    if not (isinstance(pl, Shard) and pl.dim == 0):
+        raise NotImplementedError(
+            f"parameters must be sharded on dim 0 (Shard(0), FSDP2's default) or replicated, got {pl}; pass "
+            "fully_shard a shard_placement_fn that returns Shard(0)")
+    d0, W = int(x.shape[0]), mesh.size()
+    per = rows // d0 if d0 else 0
+    ranges = []
+    for q in range(W):
+        n, off = Shard.local_shard_size_and_offset(d0, W, q)
+        ranges.append((int(off) * per, (int(off) + int(n)) * per))
+    return ranges, mesh.get_local_rank()
+
+
+def local_rows(x: Tensor, view: MatrixView = WHOLE) -> tuple[Tensor, int, int]:
+    """This rank's rows of ``x`` read through ``view``: ``(rows (r, N), a, b)``, global rows [a, b).
+
+    A plain tensor (or a replicated DTensor) gives all R rows; a DTensor sharded on
+    dim 0 (FSDP2) gives its own contiguous range of them.
+    """
+    R, N, _ = view.layout(x.shape)
+    if not is_dtensor(x):
+        return x.reshape(R, N), 0, R
+    loc = x.to_local()
+    found = _row_ranges(x, R)
+    if found is None:
+        return loc.reshape(R, N), 0, R
+    ranges, me = found
+    a, b = ranges[me]
+    return loc.reshape(b - a, N), a, b
+
+
+def from_local_rows(rows: Tensor, like: Tensor) -> Tensor:
+    """The inverse of :func:`local_rows`: rows of ``like``'s local part as a tensor (DTensor) shaped like ``like``."""
+    if not is_dtensor(like):
+        return rows.reshape(like.shape)
+    from torch.distributed.tensor import DTensor
+
+    loc = rows.reshape(like.to_local().shape)
+    return DTensor.from_local(loc, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+
+
+def all_rows(values: Tensor, like: Tensor, view: MatrixView = WHOLE) -> Tensor:
+    """A per-row vector of this rank's rows of ``like`` (from :func:`local_rows`) as the vector of all R rows.
+
+    For a sharded DTensor this is one all-gather (every rank must call it); otherwise ``values`` itself.
+    """
+    R, _, _ = view.layout(like.shape)
+    if not is_dtensor(like) or _row_ranges(like, R) is None:
+        return values.reshape(R)
+    from torch.distributed.tensor import DTensor
+
+    shape = view.row_shape(like.shape)
+    loc = values.reshape((values.numel() // max(1, math.prod(shape[1:])), *shape[1:]))
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return DTensor.from_local(loc, like.device_mesh, like.placements, shape=torch.Size(shape),
+                              stride=stride).full_tensor().reshape(R)
+
+
+def zeros_rows(like: Tensor, view: MatrixView = WHOLE, dtype: torch.dtype | None = None) -> Tensor:
+    """Zeros of ``view.row_shape(like.shape)`` — one value per row — sharded like ``like``'s rows for DTensors."""
+    shape = view.row_shape(like.shape)
+    dtype = like.dtype if dtype is None else dtype
+    if not is_dtensor(like):
+        return torch.zeros(shape, dtype=dtype, device=like.device)
+    from torch.distributed.tensor import DTensor
+
+    loc = like.to_local()
+    local_shape = loc.shape[:len(shape)]
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return DTensor.from_local(torch.zeros(local_shape, dtype=dtype, device=loc.device), like.device_mesh,
+                              like.placements, shape=torch.Size(shape), stride=stride)
 
 
 @dataclass(frozen=True)
@@ -77,6 +269,90 @@ class Placement:
         if self.ddp_strategy == "partition":
             return map_replicated(mats, fn, group=self.process_group)
         return fn(mats)
+
+    def map_blocks(self, tensors: Sequence[Tensor], views: MatrixView | Sequence[MatrixView] | None,
+                   fn: MatrixMap) -> list[Tensor]:
+        """``fn`` of every block of every tensor (cut by its :class:`MatrixView`), joined back into each tensor's shape.
+
+        Plain tensors: their blocks (views of their rows) go through :meth:`map`
+        together, so blocks of one shape form one batch. FSDP2 DTensors (sharded on
+        dim 0): a rank whose rows are whole blocks (a ``batched`` stack sharded on
+        its leading dimension, or shard boundaries that fall between blocks) maps its
+        own blocks with no communication; a tensor that is one (out, in·…) matrix
+        goes to :func:`steepest.distributed.map_whole_matrices`; otherwise the
+        tensor is gathered whole on every rank (``full_tensor()``) — row blocks of a
+        row-sharded matrix are not row-sharded DTensors of their own — its blocks are
+        dealt out over the mesh's ranks (``shard_strategy="all_to_all"``) or mapped
+        by every rank (``"all_gather"``), and each rank keeps its own rows. Empty
+        blocks are not mapped. Results are DTensors with the inputs' placements.
+        """
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        xs = list(tensors)
+        vs = as_views(views, len(xs))
+        shared: list[Tensor] = []
+        own: list[Tensor] = []
+        gathered: dict[Any, list[Tensor]] = {}
+        plans: list[tuple[str, list[tuple[Any, int] | Tensor], Any]] = []
+
+        def put(bucket: list[Tensor], key: Any, mats: Sequence[Tensor]) -> list[tuple[Any, int] | Tensor]:
+            slots: list[tuple[Any, int] | Tensor] = []
+            for m in mats:
+                if m.numel() == 0:
+                    slots.append(m)  # nothing to map
+                else:
+                    slots.append((key, len(bucket)))
+                    bucket.append(m)
+            return slots
+
+        for x, v in zip(xs, vs):
+            R, N, sizes = v.layout(x.shape)
+            if not is_dtensor(x):
+                mats = [x.reshape(R, N)] if v.is_whole(x.shape) else v.blocks(x)
+                plans.append(("plain", put(shared, "shared", mats), None))
+                continue
+            found = _row_ranges(x, R)
+            cum = list(itertools.accumulate(sizes, initial=0))
+            if found is None or all(a in cum and b in cum for a, b in found[0]):  # this rank's rows are whole blocks
+                rows, a, b = local_rows(x, v)
+                lo, hi = cum.index(a), cum.index(b)
+                mats = list(rows.split(list(sizes[lo:hi]))) if hi > lo else []
+                plans.append(("local", put(own, "own", mats), None))
+            elif v.is_whole(x.shape):
+                plans.append(("whole", put(shared, "shared", [x.reshape(R, N)]), None))
+            else:
+                full = x.full_tensor()
+                mesh = x.device_mesh
+                plans.append(("gathered", put(gathered.setdefault(mesh, []), mesh, v.blocks(full)), None))
+
+        results: dict[Any, list[Tensor]] = {"shared": self.map(shared, fn) if shared else [],
+                                            "own": fn(own) if own else []}
+        for mesh, mats in gathered.items():
+            if self.shard_strategy == "all_to_all":
+                results[mesh] = map_replicated(mats, fn, group=mesh.get_group())
+            else:
+                results[mesh] = fn(mats)
+
+        out: list[Tensor] = []
+        for x, v, (kind, slots, _) in zip(xs, vs, plans):
+            parts = [s if isinstance(s, Tensor) else results[s[0]][s[1]] for s in slots]
+            R, N, _ = v.layout(x.shape)
+            if kind == "whole":
+                out.append(parts[0].view(x.shape))
+                continue
+            if kind == "local":
+                loc = local_part(x)
+                rows = torch.cat([p.reshape(-1, N) for p in parts]) if parts else loc.reshape(-1, N)[:0]
+                out.append(from_local_rows(rows, x) if is_dtensor(x) else rows.view(x.shape))
+                continue
+            rows = torch.cat([p.reshape(-1, N) for p in parts]) if parts else x.reshape(R, N)[:0]
+            if kind == "plain":
+                out.append(rows.view(x.shape))
+            else:  # gathered: every rank has the whole result and keeps its own rows
+                res = distribute_tensor(rows.view(x.shape), x.device_mesh, x.placements, src_data_rank=None)
+                out.append(DTensor.from_local(res.to_local(), x.device_mesh, x.placements, shape=x.shape,
+                                              stride=x.stride()))
+        return out
 
 
 LOCAL = Placement()
@@ -134,6 +410,29 @@ def orthogonalize(
     return placement.map(matrices, lambda mats: _orthogonalize_local(mats, ns))
 
 
+def orthogonalize_blocks(
+    tensors: Sequence[Tensor],
+    views: MatrixView | Sequence[MatrixView] | None = None,
+    ns: NSConfig | None = None,
+    *,
+    schedule: Any = "polar_express",
+    steps: int | None = None,
+    ns_dtype: torch.dtype | None = None,
+    placement: Placement = LOCAL,
+) -> list[Tensor]:
+    """Each tensor with every block of its :class:`MatrixView` replaced by the block's ``msign``.
+
+    ``views``: one view for all tensors, one per tensor, or None (each tensor its
+    (out, in·…) matrix, as :func:`orthogonalize` on ``matrix_shape`` reshapes).
+    Blocks of equal shape from all tensors are batched together; ``placement``
+    says where the work runs (:meth:`Placement.map_blocks`, which also says how
+    FSDP2 shards are treated). Other arguments as for :func:`orthogonalize`.
+    """
+    if ns is None:
+        ns = resolve_schedule(schedule, steps=steps, dtype=ns_dtype)
+    return placement.map_blocks(tensors, views, lambda mats: _orthogonalize_local(mats, ns))
+
+
 def orthogonalize_sharded(matrices: Sequence[Tensor], *, strategy: str = "all_to_all", **settings: Any) -> list[Tensor]:
     """:func:`orthogonalize` of row-sharded (FSDP2) matrices with the given ``shard_strategy``."""
     return orthogonalize(matrices, placement=Placement(shard_strategy=strategy), **settings)
@@ -156,14 +455,15 @@ def _clip_local(bound: float) -> MatrixMap:
     return clip
 
 
-def project_spectral_ball(params: Sequence[Tensor], bound: float, *, placement: Placement = LOCAL) -> None:
-    """``W ← c·mclip(W/c)`` in place for each parameter viewed as its (out, in·…) matrix.
+def project_spectral_ball(params: Sequence[Tensor], bound: float, *, placement: Placement = LOCAL,
+                          views: MatrixView | Sequence[MatrixView] | None = None) -> None:
+    """``W ← c·mclip(W/c)`` in place for each block of each parameter (default: its (out, in·…) matrix).
 
     Singular values above ``c = bound`` are clipped to c (:func:`steepest.linalg.mclip`,
-    accurate schedule); the matrices are mapped where ``placement`` says.
+    accurate schedule), block by block as ``views`` cut the parameters
+    (:class:`MatrixView`); the blocks are mapped where ``placement`` says.
     """
     if not params:
         return
-    mats = [p.reshape(matrix_shape(p.shape)) for p in params]
-    for p, new in zip(params, placement.map(mats, _clip_local(float(bound)))):
-        p.copy_(new.view(p.shape))
+    for p, new in zip(params, placement.map_blocks(params, views, _clip_local(float(bound)))):
+        p.copy_(new)

@@ -9,7 +9,9 @@ for the AdamW-matching scale; Amsel, Persson, Musco, Gower, *The Polar Express*
 Functional core (tensors in, in-place updates, no optimizer object):
 
 - :func:`muon_momentum` — EMA momentum and the Nesterov look-ahead,
-- :func:`steepest.optim.orthogonalize` — ``msign`` of a list of matrices, same shapes batched,
+- :func:`steepest.optim.orthogonalize_blocks` — ``msign`` of every block of every parameter
+  (:class:`steepest.optim.MatrixView`: the (out, in·…) matrix by default, or a stack
+  of matrices, or row blocks such as fused Q/K/V parts), same shapes batched,
 - :func:`muon_apply` — decoupled weight decay, the scaled step, optional
   spectral-ball projection,
 - :func:`muon_step` — the three in a row for one param group (what :class:`Muon` calls),
@@ -25,7 +27,7 @@ process, DDP ranks, FSDP2 shards), the rest is elementwise and runs on shards.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,7 +36,17 @@ from torch import Tensor, nn
 from .._validate import check_choice, check_flag, check_int, check_number
 from ..linalg import SCHEDULES, NSConfig, resolve_schedule
 from ._base import SteepestOptimizer, lr_value, ordered, slot_dtype
-from ._matrices import LOCAL, Placement, matrix_shape, orthogonalize, project_spectral_ball
+from ._matrices import (
+    LOCAL,
+    MatrixView,
+    Placement,
+    as_views,
+    from_local_rows,
+    local_rows,
+    matrix_shape,
+    orthogonalize_blocks,
+    project_spectral_ball,
+)
 
 __all__ = [
     "KELLER_JORDAN",
@@ -111,22 +123,42 @@ def muon_apply(
     adjust_lr_fn: AdjustLR = "original",
     max_spectral_norm: float | None = None,
     placement: Placement = LOCAL,
+    views: MatrixView | Sequence[MatrixView] | None = None,
 ) -> None:
-    """``W ← W(1 − η·λ)``, then ``W ← W − η·scale(W)·O`` (torch.optim.Muon's order), in place.
+    """``W ← W(1 − η·λ)``, then ``W ← W − η·scale(B)·O_B`` for each block B (torch.optim.Muon's order), in place.
 
-    ``directions`` are the orthogonalized matrices (any shape with the parameter's
-    number of elements). With ``max_spectral_norm=c`` each matrix is then projected
-    onto the spectral ball, ``W ← c·mclip(W/c)`` (:func:`steepest.optim.project_spectral_ball`,
-    mapped where ``placement`` says): singular values above c are clipped to c.
+    ``directions`` are the orthogonalized parameters (any shape with the
+    parameter's number of elements). ``views`` (:class:`steepest.optim.MatrixView`;
+    default: each parameter is its one (out, in·…) matrix) cut each parameter into
+    blocks; block B of shape (m, N) is scaled by ``muon_lr_scale((m, N))``. With
+    ``max_spectral_norm=c`` each block is then projected onto the spectral ball,
+    ``B ← c·mclip(B/c)`` (:func:`steepest.optim.project_spectral_ball`, mapped where
+    ``placement`` says): singular values above c are clipped to c.
     """
     if not params:
         return
+    vs = as_views(views, len(params))
     if weight_decay:
         torch._foreach_mul_(list(params), 1.0 - lr * weight_decay)
-    for p, o in zip(params, directions):
-        p.add_(o.view_as(p), alpha=-lr * muon_lr_scale(p.shape, adjust_lr_fn))
+    for p, o, v in zip(params, directions, vs):
+        if p.numel():
+            _add_scaled(p, o, v, lr, adjust_lr_fn)
     if max_spectral_norm is not None:
-        project_spectral_ball(params, max_spectral_norm, placement=placement)
+        project_spectral_ball(params, max_spectral_norm, placement=placement, views=vs)
+
+
+def _add_scaled(p: Tensor, o: Tensor, view: MatrixView, lr: float, adjust_lr_fn: AdjustLR) -> None:
+    """``p ← p − lr·scale(B)·o_B`` for every block B of ``view``."""
+    _, N, sizes = view.layout(p.shape)
+    scales = {m: muon_lr_scale((m, N), adjust_lr_fn) for m in set(sizes)}
+    if len(set(scales.values())) == 1:
+        p.add_(o.view_as(p), alpha=-lr * next(iter(scales.values())))
+        return
+    # blocks of different shapes (e.g. GQA's Q and K/V parts): one factor per row
+    rows, a, b = local_rows(o, view)
+    w = torch.tensor([lr * scales[m] for m in sizes], dtype=rows.dtype, device=rows.device)
+    w = w.repeat_interleave(torch.tensor(sizes, device=rows.device))[a:b]
+    p.add_(from_local_rows(rows * w[:, None], p), alpha=-1.0)
 
 
 def muon_step(
@@ -142,23 +174,28 @@ def muon_step(
     adjust_lr_fn: AdjustLR = "original",
     max_spectral_norm: float | None = None,
     placement: Placement = LOCAL,
+    views: MatrixView | Sequence[MatrixView] | None = None,
 ) -> None:
     """One Muon step on ≥2-D parameters, in place (Keller Jordan 2024).
 
     ``B ← μB + (1−μ)G``; ``X = (1−μ)G + μB`` (Nesterov) or ``B``;
-    ``O = msign(X)`` on the (out, in·…) matrix, by the orthogonalization ``ns``
-    (an :class:`steepest.linalg.NSConfig`, or anything
-    :func:`steepest.linalg.resolve_schedule` takes); ``W ← W(1 − ηλ) − η·scale·O``
-    (:func:`muon_lr_scale`); optionally ``W ← c·mclip(W/c)``. ``placement`` says
-    where the whole-matrix work runs (one process, DDP ranks, FSDP2 shards).
+    ``O = msign(X)`` on each matrix of the parameter's view (``views``: default the
+    (out, in·…) matrix; :class:`steepest.optim.MatrixView` for stacks and row
+    blocks), by the orthogonalization ``ns`` (an :class:`steepest.linalg.NSConfig`,
+    or anything :func:`steepest.linalg.resolve_schedule` takes);
+    ``W ← W(1 − ηλ) − η·scale·O`` with the scale of each block's own (m, N)
+    (:func:`muon_lr_scale`); optionally ``B ← c·mclip(B/c)`` per block.
+    ``placement`` says where the whole-matrix work runs (one process, DDP ranks,
+    FSDP2 shards).
     """
     if not params:
         return
     ns = resolve_schedule(ns)
+    vs = as_views(views, len(params))
     inputs = muon_momentum(grads, momentum_buffers, momentum=momentum, nesterov=nesterov)
-    dirs = orthogonalize([x.reshape(matrix_shape(x.shape)) for x in inputs], ns, placement=placement)
+    dirs = orthogonalize_blocks(inputs, vs, ns, placement=placement)
     muon_apply(params, dirs, lr=lr, weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn,
-               max_spectral_norm=max_spectral_norm, placement=placement)
+               max_spectral_norm=max_spectral_norm, placement=placement, views=vs)
 
 
 def adamw_step(
@@ -223,12 +260,57 @@ def _as_modules(model: nn.Module, spec: Any) -> list[nn.Module]:
     raise TypeError(f"output must be 'auto', None, a module, a submodule name or a list of them; got {spec!r}")
 
 
+def _marked(model: nn.Module, blocks: Any) -> dict[int, dict[str, Any]]:
+    """``{id(parameter): view options}`` from :func:`muon_param_groups`'s ``blocks``."""
+    if blocks is None:
+        return {}
+    if isinstance(blocks, str):
+        if blocks != "auto":
+            raise ValueError(f"blocks must be None, 'auto' or a mapping, got {blocks!r}")
+        found = {}
+        for m in model.modules():  # torch's attention keeps Q, K and V in one (3E, E) in_proj_weight
+            if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+                found[id(m.in_proj_weight)] = {"split": (m.embed_dim,) * 3}
+        return found
+    if not isinstance(blocks, Mapping):
+        raise TypeError(f"blocks must be None, 'auto' or a mapping {{parameter, module or name: options}}, "
+                        f"got {type(blocks).__name__}")
+    names = dict(model.named_parameters())
+    found = {}
+    for key, opts in blocks.items():
+        if isinstance(opts, Sequence) and not isinstance(opts, (str, bytes)):
+            opts = {"split": tuple(opts)}
+        if not isinstance(opts, Mapping) or not opts or set(opts) - set(VIEW_KEYS):
+            raise ValueError(f"blocks[{key!r}] must be a sequence of row counts (split) or a mapping with keys "
+                             f"among {VIEW_KEYS}, got {opts!r}")
+        MatrixView(**opts)  # checked here, fitted to the shapes by Muon
+        if isinstance(key, Tensor):
+            params = [key]
+        elif isinstance(key, nn.Module):
+            params = [q for q in key.parameters() if q.ndim >= 2]
+        elif isinstance(key, str) and key in names:
+            params = [names[key]]
+        elif isinstance(key, str):
+            try:
+                params = [q for q in model.get_submodule(key).parameters() if q.ndim >= 2]
+            except AttributeError:
+                raise ValueError(f"blocks names {key!r}, which is no parameter or submodule of the model") from None
+        else:
+            raise TypeError(f"a key of blocks must be a parameter, a module or a name, got {type(key).__name__}")
+        if not params:
+            raise ValueError(f"blocks[{key!r}] marks no parameter with at least 2 dimensions")
+        for q in params:
+            found[id(q)] = dict(opts)
+    return found
+
+
 def muon_param_groups(
     model: nn.Module,
     *,
     output: Any = "auto",
     muon: dict[str, Any] | None = None,
     adamw: dict[str, Any] | None = None,
+    blocks: Any = None,
 ) -> list[dict[str, Any]]:
     """Split ``model``'s trainable parameters into a Muon group and an AdamW group.
 
@@ -244,6 +326,15 @@ def muon_param_groups(
     name, or a list of these. ``muon`` / ``adamw``: extra per-group settings, e.g.
     ``adamw={"lr": 3e-3}``. Returns the non-empty groups, each with its
     ``use_muon`` flag, ready for :class:`Muon`.
+
+    ``blocks`` marks fused weights whose parts are separate matrices: a mapping from
+    a parameter, a module (its ≥2-D parameters) or a name (of either) to the
+    :class:`steepest.optim.MatrixView` options of those parameters — ``{"split": (d_q,
+    d_k, d_v)}``, ``{"heads": h}``, ``{"batched": True}`` or a combination; a
+    sequence of ints means ``split``. ``"auto"`` marks every ``nn.MultiheadAttention``'s
+    fused ``in_proj_weight`` (3E, E) with ``split=(E, E, E)``. Marked parameters form
+    one extra Muon group per distinct setting, after the plain Muon group; marking a
+    parameter that goes to AdamW is an error.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -253,16 +344,32 @@ def muon_param_groups(
             special.update(id(p) for p in m.parameters())
     for m in _as_modules(model, output):
         special.update(id(p) for p in m.parameters())
+    marked = _marked(model, blocks)
     seen: set[int] = set()
     hidden, rest = [], []
+    by_view: dict[tuple, list[Tensor]] = {}
     for p in model.parameters():
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
-        (hidden if p.ndim >= 2 and id(p) not in special else rest).append(p)
+        to_muon = p.ndim >= 2 and id(p) not in special
+        if id(p) in marked:
+            if not to_muon:
+                raise ValueError(f"blocks marks a parameter of shape {tuple(p.shape)} that goes to AdamW (an "
+                                 "embedding, the output layer or a vector); mark hidden matrices only")
+            opts = marked[id(p)]
+            by_view.setdefault(tuple(sorted((k, tuple(v) if isinstance(v, Sequence) else v)
+                                            for k, v in opts.items())), []).append(p)
+        else:
+            (hidden if to_muon else rest).append(p)
+    stray = set(marked) - {id(p) for p in model.parameters()}
+    if stray:
+        raise ValueError(f"blocks marks {len(stray)} tensor(s) that are not parameters of the model")
     groups = []
     if hidden:
         groups.append({**(muon or {}), "params": hidden, "use_muon": True})
+    for opts, ps in by_view.items():
+        groups.append({**(muon or {}), **dict(opts), "params": ps, "use_muon": True})
     if rest:
         groups.append({**(adamw or {}), "params": rest, "use_muon": False})
     return groups
@@ -272,7 +379,9 @@ def muon_param_groups(
 # The optimizer
 # ---------------------------------------------------------------------------
 _MUON_KEYS = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps",
-              "adjust_lr_fn", "schedule", "ns_dtype", "max_spectral_norm")
+              "adjust_lr_fn", "schedule", "ns_dtype", "max_spectral_norm", "batched", "split", "heads")
+#: the group keys that say which matrices a parameter is (a :class:`MatrixView`)
+VIEW_KEYS = ("batched", "split", "heads")
 _ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
 
 
@@ -329,7 +438,21 @@ class Muon(SteepestOptimizer):
             for half gradients). ``None``: always the latter; or an explicit dtype
             (torch computes in bfloat16 everywhere, which is 8–100× slower than
             float32 on CPUs without bf16 units).
-        max_spectral_norm: if set, c > 0: after each step ``W ← c·mclip(W/c)``.
+        max_spectral_norm: if set, c > 0: after each step ``W ← c·mclip(W/c)`` (per block).
+        batched: a parameter with ndim ≥ 3 is a stack of matrices over its leading
+            dimensions, each orthogonalized and lr-scaled by its own (M, N) (default
+            False: flattened to (out, in·…), as for conv weights).
+        split: ``(d_1, …, d_k)``: the rows of each (out, in) matrix are cut into
+            blocks of these sizes (adding up to ``out``), each orthogonalized, scaled
+            and projected alone — e.g. ``split=(d, d, d)`` for a fused QKV weight.
+        heads: ``h``: the rows (of each split block) are cut into h equal blocks.
+            These three are usually given per param group (:func:`muon_param_groups`'s
+            ``blocks``); :class:`steepest.optim.MatrixView` states the cut. Under FSDP2
+            (DTensor parameters sharded on rows) a rank holding whole blocks (a batched
+            stack, or shard boundaries between blocks) works on them alone; a matrix
+            whose blocks straddle shards is gathered whole on every rank, its blocks
+            dealt out over the ranks (``shard_strategy="all_to_all"``) or done by every
+            rank (``"all_gather"``), and each rank keeps its rows.
         adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: defaults of the AdamW
             groups (torch.optim.AdamW's defaults: 1e-3, (0.9, 0.999), 1e-8, 0.01).
         nonfinite: ``"skip"`` (default) or ``"raise"`` — what a NaN/Inf gradient does
@@ -368,6 +491,9 @@ class Muon(SteepestOptimizer):
         schedule: Any = None,
         ns_dtype: torch.dtype | str | None = "auto",
         max_spectral_norm: float | None = None,
+        batched: bool = False,
+        split: Sequence[int] | None = None,
+        heads: int | None = None,
         adamw_lr: float = 1e-3,
         adamw_betas: tuple[float, float] = (0.9, 0.999),
         adamw_eps: float = 1e-8,
@@ -377,16 +503,32 @@ class Muon(SteepestOptimizer):
         ddp_strategy: str = "local",
         process_group: Any = None,
     ) -> None:
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
+                    "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps,
+                    "adjust_lr_fn": adjust_lr_fn, "schedule": schedule, "ns_dtype": ns_dtype,
+                    "max_spectral_norm": max_spectral_norm, "batched": batched, "split": split, "heads": heads}
+        self._setup(params, defaults, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+                    adamw_weight_decay=adamw_weight_decay, nonfinite=nonfinite, shard_strategy=shard_strategy,
+                    ddp_strategy=ddp_strategy, process_group=process_group)
+
+    #: the keys of a Muon group (a subclass with another matrix rule keeps its own)
+    _muon_keys: tuple[str, ...] = _MUON_KEYS
+
+    def _setup(self, params: Any, defaults: dict[str, Any], *, adamw_lr: float, adamw_betas: tuple[float, float],
+               adamw_eps: float, adamw_weight_decay: float, nonfinite: str, shard_strategy: str, ddp_strategy: str,
+               process_group: Any) -> None:
+        """What every Muon-like optimizer does at construction: placement, AdamW defaults, checks, groups."""
         self._placement = Placement(shard_strategy, ddp_strategy, process_group)
         self._adamw_defaults = {"lr": adamw_lr, "betas": adamw_betas, "eps": adamw_eps,
                                 "weight_decay": adamw_weight_decay}
         _check_adamw(self._adamw_defaults)
-        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": nesterov,
-                    "ns_coefficients": ns_coefficients, "eps": eps, "ns_steps": ns_steps,
-                    "adjust_lr_fn": adjust_lr_fn, "schedule": schedule, "ns_dtype": ns_dtype,
-                    "max_spectral_norm": max_spectral_norm}
-        _check_muon(defaults)
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        self._check_matrix_group(defaults)
+        SteepestOptimizer.__init__(self, params, defaults, nonfinite=nonfinite)
+
+    def _check_matrix_group(self, g: dict[str, Any]) -> None:
+        """Raise on a bad setting of a matrix (Muon) group; its parameters' shapes too when it has them."""
+        _check_muon(g)
+        _check_view_shapes(g)
 
     # -- groups -------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -402,10 +544,11 @@ class Muon(SteepestOptimizer):
             mats = [p for p in params if _is_matrix(p)]
             rest = [p for p in params if not _is_matrix(p)]
             own = {k: v for k, v in param_group.items() if k not in ("params", "use_muon")}
-            unknown = set(own) - set(_MUON_KEYS) - {"initial_lr", "param_names"}
+            unknown = set(own) - set(self._muon_keys) - {"initial_lr", "param_names"}
             if unknown:  # the group's settings are Muon settings (the rest gets the AdamW defaults)
-                raise ValueError(f"unknown key(s) {sorted(unknown)} in a Muon group; allowed: {sorted(_MUON_KEYS)}")
-            _check_muon({**self.defaults, **own})
+                raise ValueError(f"unknown key(s) {sorted(unknown)} in a {self._name} group; "
+                                 f"allowed: {sorted(self._muon_keys)}")
+            self._check_matrix_group({**self.defaults, **own})
             if mats or not rest:
                 self.add_param_group({**own, "params": mats, "use_muon": True})
             if rest:
@@ -428,28 +571,31 @@ class Muon(SteepestOptimizer):
                 group.setdefault(k, v)
             super().add_param_group(group)
             g = self.param_groups[-1]
-            for k in _MUON_KEYS:  # torch fills in the Muon defaults; an AdamW group has none of them
+            for k in self._muon_keys:  # torch fills in the Muon defaults; an AdamW group has none of them
                 if k not in _ADAMW_KEYS:
                     g.pop(k, None)
 
     def _allowed_keys(self, group: dict[str, Any]) -> set[str]:
-        return set(_MUON_KEYS if group.get("use_muon", True) else _ADAMW_KEYS) | {"use_muon"}
+        return set(self._muon_keys if group.get("use_muon", True) else _ADAMW_KEYS) | {"use_muon"}
 
     def _group_kind(self, group: dict[str, Any]) -> str:
-        return "Muon" if group.get("use_muon", True) else "AdamW"
+        return self._name if group.get("use_muon", True) else "AdamW"
 
     def _check_group(self, group: dict[str, Any], initial: bool = True) -> None:
         if group.get("use_muon", True):
-            _check_muon(group)
+            self._check_matrix_group(group)
         else:
             _check_adamw(group)
 
     def _check_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         if group.get("use_muon", True):
-            self._require(state, p, "momentum_buffer")
+            self._check_matrix_state(group, p, state)
         else:
             self._require(state, p, "exp_avg", "exp_avg_sq")
             self._require(state, p, "step", like=False)
+
+    def _check_matrix_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
+        self._require(state, p, "momentum_buffer")
 
     # -- step ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -465,7 +611,7 @@ class Muon(SteepestOptimizer):
                 self._adamw_group(group, items)
         return loss
 
-    def _muon_group(self, group: dict[str, Any], items: list[tuple[Tensor, Tensor]]) -> None:
+    def _momentum_buffers(self, items: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
         bufs = []
         for p, g in items:
             st = self.state[p]
@@ -473,11 +619,16 @@ class Muon(SteepestOptimizer):
                 st["momentum_buffer"] = torch.zeros_like(g, dtype=slot_dtype(p.dtype),
                                                          memory_format=torch.preserve_format)
             bufs.append(st["momentum_buffer"])
+        return bufs
+
+    def _muon_group(self, group: dict[str, Any], items: list[tuple[Tensor, Tensor]]) -> None:
+        bufs = self._momentum_buffers(items)
         bound = group["max_spectral_norm"]
         muon_step([p for p, _ in items], [g for _, g in items], bufs, lr=lr_value(group["lr"]),
                   weight_decay=float(group["weight_decay"]), momentum=float(group["momentum"]),
                   nesterov=bool(group["nesterov"]), ns=ns_config(group), adjust_lr_fn=group["adjust_lr_fn"],
-                  max_spectral_norm=None if bound is None else float(bound), placement=self._placement)
+                  max_spectral_norm=None if bound is None else float(bound), placement=self._placement,
+                  views=group_view(group))
 
     def _adamw_group(self, group: dict[str, Any], items: list[tuple[Tensor, Tensor]]) -> None:
         ps, gs, ms, vs, ts = [], [], [], [], []
@@ -504,6 +655,24 @@ class Muon(SteepestOptimizer):
 def _is_matrix(p: Any) -> bool:
     p = p[1] if isinstance(p, tuple) else p  # (name, parameter) pairs are allowed
     return isinstance(p, Tensor) and p.ndim >= 2
+
+
+def group_view(group: dict[str, Any]) -> MatrixView:
+    """The :class:`MatrixView` of a Muon group's parameters (its ``batched``, ``split``, ``heads``)."""
+    return MatrixView(batched=group.get("batched", False), split=group.get("split"), heads=group.get("heads"))
+
+
+def _check_view_shapes(g: dict[str, Any]) -> None:
+    """The group's view fits each of its parameters (split sizes add up to the rows, heads divide them)."""
+    view = group_view(g)
+    for i, p in enumerate(g.get("params", ())):
+        p = p[1] if isinstance(p, tuple) else p
+        if isinstance(p, Tensor) and p.ndim >= 2:
+            try:
+                view.layout(p.shape)
+            except ValueError as e:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} (params[{i}]) does not fit the group's "
+                                 f"matrix view: {e}") from None
 
 
 def ns_config(group: dict[str, Any]) -> NSConfig:
@@ -546,6 +715,7 @@ def _check_muon(g: dict[str, Any]) -> None:
         check_choice("adjust_lr_fn", f, _ADJUST)
     if g["max_spectral_norm"] is not None:
         check_number("max_spectral_norm", g["max_spectral_norm"], low=0.0, low_open=True)
+    group_view(g)  # batched, split, heads
     ns_config(g)  # the schedule itself: linalg's checks
 
 
