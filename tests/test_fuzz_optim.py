@@ -25,6 +25,7 @@ from steepest.optim import (
     Muon,
     NonFiniteGradientError,
     NonFiniteGradientWarning,
+    NorMuon,
     SignSGD,
 )
 
@@ -33,6 +34,7 @@ FUZZ: Counter = Counter()
 MAKERS = {
     "muon": lambda ps, **kw: Muon(ps, lr=0.02, weight_decay=0.01, adamw_lr=1e-2, **kw),
     "muon_kj": lambda ps, **kw: Muon(ps, lr=0.02, ns_coefficients=(3.4445, -4.7750, 2.0315), **kw),
+    "normuon": lambda ps, **kw: NorMuon(ps, lr=0.02, weight_decay=0.01, adamw_lr=1e-2, **kw),
     "signsgd": lambda ps, **kw: SignSGD(ps, lr=0.01, **kw),
     "signum": lambda ps, **kw: SignSGD(ps, lr=0.01, momentum=0.9, weight_decay=0.01, **kw),
     "egd": lambda ps, **kw: EGD(ps, lr=0.1, **kw),
@@ -89,7 +91,7 @@ def test_fuzz_optimizer_step(d):
             p.grad = gr.to(dtype)
             q.grad = p.grad.double()
         bad = [not bool(torch.isfinite(p.grad).all()) for p in ps]
-        if d["name"].startswith("muon") and not any(bad) and any(
+        if d["name"].startswith(("muon", "normuon")) and not any(bad) and any(
                 p.ndim < 2 and amax(p.grad) ** 2 > float(torch.finfo(torch.promote_types(dtype, torch.float32)).max)
                 for p in ps):
             return  # AdamW's second moment g² overflows its float32 slot (as in torch.optim.AdamW): zero step

@@ -25,6 +25,7 @@ from steepest.optim import (
     Muon,
     NonFiniteGradientError,
     NonFiniteGradientWarning,
+    NorMuon,
     SignSGD,
 )
 
@@ -32,6 +33,9 @@ CASES = {
     "muon": (lambda ps, **kw: Muon(ps, lr=0.02, weight_decay=0.01, adamw_lr=0.01, **kw), "skip"),
     "muon_kj_ball": (lambda ps, **kw: Muon(ps, lr=0.02, ns_coefficients=(3.4445, -4.7750, 2.0315),
                                            max_spectral_norm=2.0, **kw), "skip"),
+    "normuon": (lambda ps, **kw: NorMuon(ps, lr=0.02, weight_decay=0.01, adamw_lr=0.01, **kw), "skip"),
+    "normuon_nesterov_ball": (lambda ps, **kw: NorMuon(ps, lr=0.02, nesterov=True, max_spectral_norm=2.0, **kw),
+                              "skip"),
     "signsgd": (lambda ps, **kw: SignSGD(ps, lr=0.01, **kw), "skip"),
     "signum": (lambda ps, **kw: SignSGD(ps, lr=0.01, momentum=0.9, weight_decay=0.01, **kw), "skip"),
     "egd": (lambda ps, **kw: EGD(ps, lr=0.1, **kw), "raise"),
@@ -244,7 +248,7 @@ def test_foreign_state_is_refused_at_load_time(name):
     other = torch.optim.AdamW(_params(), lr=1e-3)
     _run(other, other.param_groups[0]["params"], range(2))
     foreign = other.state_dict()
-    if name.startswith("muon"):  # Muon splits the list into a Muon and an AdamW group: give both layouts
+    if name.startswith(("muon", "normuon")):  # Muon splits the list into a Muon and an AdamW group: both layouts
         foreign = {"state": foreign["state"],
                    "param_groups": [dict(foreign["param_groups"][0], params=[0, 1]),
                                     dict(foreign["param_groups"][0], params=[2])]}

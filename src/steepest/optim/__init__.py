@@ -1,7 +1,7 @@
 """Steepest-descent optimizers: a functional core with thin ``torch.optim.Optimizer`` classes.
 
 Steepest descent under a norm moves along the norm's dual map of the gradient:
-the spectral norm gives Muon (``msign(G)``), the ∞-norm SignSGD (``sign(G)``), and
+the spectral norm gives Muon (``msign(G)``; NorMuon adds a per-row second moment), the ∞-norm SignSGD (``sign(G)``), and
 log-space geometry on non-negative parameters exponentiated gradient descent. The
 step-size optimizers adapt their rates with exponentiated-gradient updates (Su,
 *Exponentiated gradient descent + meta-learning = adaptive learning rates*,
@@ -44,11 +44,13 @@ from .muon import (
     muon_param_groups,
     muon_step,
 )
+from .normuon import NorMuon, normuon_normalize, normuon_step
 from .sign import SignSGD, sign_step
 
 __all__ = [
     # optimizers
     "Muon",
+    "NorMuon",
     "SignSGD",
     "EGD",
     "EGStepSize",
@@ -61,6 +63,8 @@ __all__ = [
     "muon_apply",
     "muon_lr_scale",
     "adamw_step",
+    "normuon_step",
+    "normuon_normalize",
     "orthogonalize",
     "orthogonalize_blocks",
     "project_spectral_ball",
