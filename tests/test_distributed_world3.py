@@ -7,6 +7,11 @@ rank. Each case failed before its fix: EGStepSize/EGDD checked NaN only in their
 own shard (half-stepped tensors, deadlocks), HypergradientSGD learned a different
 lr on each rank, EGD's check crashed on an empty shard, nu_stats() raised or
 returned per-rank partial values.
+
+Matrix views (Muon's and NorMuon's ``split``, ``heads``, ``batched``) are checked
+against the one-process run of the blocks as separate parameters: a fused weight
+whose blocks straddle the shards (gathered), one whose shard boundaries fall
+between blocks (local), and a stack of 4 matrices over 3 ranks (2/2/0).
 """
 
 from __future__ import annotations
@@ -18,7 +23,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from steepest.optim import EGD, EGDD, EGStepSize, HypergradientSGD, Muon, NonFiniteGradientError, muon_param_groups
+from steepest.optim import (
+    EGD,
+    EGDD,
+    EGStepSize,
+    HypergradientSGD,
+    Muon,
+    NonFiniteGradientError,
+    NorMuon,
+    muon_param_groups,
+)
 from steepest.testing import launch
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -95,6 +109,76 @@ def _extras(name: str, opt) -> dict:
     return out
 
 
+class _Fused(nn.Module):
+    """Fused weights read through matrix views: 7 QKV rows split (4, 2, 1) — shards 3/2/2 straddle the blocks;
+    6 rows in 3 heads — shards 2/2/2 are whole heads; 4 stacked experts — shards of 2/2/0 matrices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = nn.Linear(4, 7, bias=False).double()
+        self.heads = nn.Linear(7, 6, bias=False).double()
+        self.experts = nn.Parameter(torch.randn(4, 6, 5, dtype=torch.float64) * 0.3)
+        self.out = nn.Linear(5, 2).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.heads(torch.tanh(self.qkv(x))))
+        return self.out(torch.tanh(torch.einsum("bd,edf->bf", h, self.experts)))
+
+
+class _Separate(nn.Module):
+    """The same function with every block of :class:`_Fused` a parameter of its own (the reference)."""
+
+    def __init__(self, fused: _Fused) -> None:
+        super().__init__()
+        cut = lambda t, sizes: nn.ParameterList([nn.Parameter(b.detach().clone()) for b in t.split(sizes)])  # noqa: E731
+        self.qkv = cut(fused.qkv.weight, (4, 2, 1))
+        self.heads = cut(fused.heads.weight, (2, 2, 2))
+        self.experts = nn.ParameterList([nn.Parameter(m.detach().clone()) for m in fused.experts.unbind(0)])
+        self.out = nn.Linear(5, 2).double()
+        self.out.load_state_dict(fused.out.state_dict())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(x @ torch.cat(list(self.qkv)).T)
+        h = torch.tanh(h @ torch.cat(list(self.heads)).T)
+        return self.out(torch.tanh(torch.einsum("bd,edf->bf", h, torch.stack(list(self.experts)))))
+
+    def fused(self) -> list[torch.Tensor]:
+        """The parameters in :class:`_Fused`'s order (experts, qkv, heads, out.weight, out.bias)."""
+        cat = lambda ps: torch.cat([p.detach() for p in ps])  # noqa: E731
+        return [torch.stack([p.detach() for p in self.experts]), cat(self.qkv), cat(self.heads),
+                self.out.weight.detach(), self.out.bias.detach()]
+
+
+VIEW_NAMES = ("muon_views_a2a", "muon_views_gather", "normuon_views")
+
+
+def _view_optimizer(name: str, model: nn.Module, **kw) -> torch.optim.Optimizer:
+    cls = NorMuon if name.startswith("normuon") else Muon
+    kw = {**kw, "shard_strategy": "all_gather" if name.endswith("gather") else "all_to_all"}
+    if cls is Muon:
+        kw.update(weight_decay=0.01, max_spectral_norm=0.9)
+    else:
+        kw.update(weight_decay=0.01, nesterov=True)
+    if isinstance(model, _Separate):  # every block its own plain matrix
+        return cls([{"params": [*model.qkv, *model.heads, *model.experts, model.out.weight], "use_muon": True},
+                    {"params": [model.out.bias], "use_muon": False}], lr=0.05, adamw_lr=0.01, **kw)
+    return cls([{"params": [model.qkv.weight], "use_muon": True, "split": (4, 2, 1)},
+                {"params": [model.heads.weight], "use_muon": True, "heads": 3},
+                {"params": [model.experts], "use_muon": True, "batched": True},
+                {"params": [model.out.weight], "use_muon": True},
+                {"params": [model.out.bias], "use_muon": False}], lr=0.05, adamw_lr=0.01, **kw)
+
+
+def _fsdp_fused() -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _Fused()
+    for layer in (model.qkv, model.heads, model.out):
+        fully_shard(layer)
+    return fully_shard(model)
+
+
 def _worker(rank: int, world: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
@@ -108,6 +192,18 @@ def _worker(rank: int, world: int) -> dict:
     opt = _optimizer("muon_ball", model.module.parameters(), ddp_strategy="partition")
     _train(model, opt, rank, world)
     out["ddp-muon_ball"] = ([_full(p) for p in model.module.parameters()], {})
+    for name in VIEW_NAMES:
+        model = _fsdp_fused()
+        opt = _view_optimizer(name, model)
+        _train(model, opt, rank, world)
+        out[f"fsdp-{name}"] = [_full(p) for p in model.parameters()]
+        if name == "normuon_views":  # the per-row second moments are sharded like the rows
+            out["normuon-moments"] = {tuple(_full(p).shape): tuple(opt.state[p]["row_second_moment"].shape)
+                                      for p in model.parameters() if p.ndim >= 2}
+        model = DistributedDataParallel(_Fused())
+        opt = _view_optimizer(name, model.module, ddp_strategy="partition")
+        _train(model, opt, rank, world)
+        out[f"ddp-{name}"] = [_full(p) for p in model.module.parameters()]
     # NaN only in rank 2's rows of one gradient: every rank must refuse (raise) or skip together
     for name in ("eg_coordinate", "eg_tensor", "egdd", "muon_a2a"):
         for policy in ("raise", "skip"):
@@ -160,6 +256,19 @@ def test_world_three_equals_one_process_and_decides_once():
                 for a, b in zip(extra["nu_stats"], want_extra["nu_stats"]):
                     for k in ("min", "max", "mean", "geo_mean"):
                         assert math.isclose(a[k], b[k], rel_tol=1e-9), (key, r, k, a, b)
+    for name in VIEW_NAMES:
+        sep = _Separate(_Fused())
+        _train(sep, _view_optimizer(name, sep), 0, 1)
+        want = sep.fused()
+        for kind in ("fsdp", "ddp"):
+            for r in range(WORLD):
+                got = res[r][f"{kind}-{name}"]
+                for i, (a, b) in enumerate(zip(got, want)):
+                    err = float((a - b).abs().max())
+                    assert err < 1e-5, f"{kind}-{name} rank {r} parameter {i}: {err:.3g} from the per-block run"
+        moved = max(float((a - b).abs().max()) for a, b in zip(want, [p.detach() for p in _Fused().parameters()]))
+        assert moved > 1e-2
+    assert res[0]["normuon-moments"] == {(4, 6, 5): (4, 6), (7, 4): (7,), (6, 7): (6,), (2, 5): (2,)}
     for name in ("eg_coordinate", "eg_tensor", "egdd", "muon_a2a"):
         outcomes = [res[r][f"nan-{name}-raise"] for r in range(WORLD)]
         assert all(o == ("raised", True, False) for o in outcomes), (name, outcomes)
