@@ -11,7 +11,8 @@ returned per-rank partial values.
 Matrix views (Muon's and NorMuon's ``split``, ``heads``, ``batched``) are checked
 against the one-process run of the blocks as separate parameters: a fused weight
 whose blocks straddle the shards (gathered), one whose shard boundaries fall
-between blocks (local), and a stack of 4 matrices over 3 ranks (2/2/0).
+between blocks (local), and a stack of 4 matrices over 3 ranks (2/2/0). QK-Clip on
+row-sharded projections (a head straddling two ranks) equals the one-process clip.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from steepest.optim import (
     HypergradientSGD,
     Muon,
     NonFiniteGradientError,
+    ClipAttention,
     NorMuon,
     muon_param_groups,
 )
@@ -170,6 +172,21 @@ def _view_optimizer(name: str, model: nn.Module, **kw) -> torch.optim.Optimizer:
                 {"params": [model.out.bias], "use_muon": False}], lr=0.05, adamw_lr=0.01, **kw)
 
 
+_TAU = 1.0
+
+
+def _clip_attention() -> ClipAttention:
+    torch.manual_seed(2)
+    att = ClipAttention(8, 2, bias=True, dtype=torch.float64)
+    with torch.no_grad():
+        att.q_proj.weight.mul_(torch.tensor([3.0, 0.1]).repeat_interleave(4)[:, None])  # head 0 far above τ
+    return att
+
+
+def _clip_input() -> torch.Tensor:
+    return torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
 def _fsdp_fused() -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
@@ -192,6 +209,16 @@ def _worker(rank: int, world: int) -> dict:
     opt = _optimizer("muon_ball", model.module.parameters(), ddp_strategy="partition")
     _train(model, opt, rank, world)
     out["ddp-muon_ball"] = ([_full(p) for p in model.module.parameters()], {})
+    # QK-Clip on row-sharded projections: 8 rows over 3 ranks (3/3/2), head 0's rows straddle ranks 0 and 1
+    att = _clip_attention()
+    for layer in (att.q_proj, att.k_proj):
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(layer)
+    fully_shard(att)
+    att(_clip_input())
+    out["qk_clip_gamma"] = att.qk_clip_(_TAU)
+    out["qk_clip"] = [_full(p) for p in (att.q_proj.weight, att.q_proj.bias, att.k_proj.weight, att.k_proj.bias)]
     for name in VIEW_NAMES:
         model = _fsdp_fused()
         opt = _view_optimizer(name, model)
@@ -268,6 +295,15 @@ def test_world_three_equals_one_process_and_decides_once():
                     assert err < 1e-5, f"{kind}-{name} rank {r} parameter {i}: {err:.3g} from the per-block run"
         moved = max(float((a - b).abs().max()) for a, b in zip(want, [p.detach() for p in _Fused().parameters()]))
         assert moved > 1e-2
+    att = _clip_attention()
+    att(_clip_input())
+    gamma = att.qk_clip_(_TAU)
+    assert float(gamma[0]) < 0.5 and float(gamma[1]) == 1.0
+    want = [p.detach() for p in (att.q_proj.weight, att.q_proj.bias, att.k_proj.weight, att.k_proj.bias)]
+    for r in range(WORLD):
+        assert torch.equal(res[r]["qk_clip_gamma"], gamma)
+        for a, b in zip(res[r]["qk_clip"], want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
     assert res[0]["normuon-moments"] == {(4, 6, 5): (4, 6), (7, 4): (7,), (6, 7): (6,), (2, 5): (2,)}
     for name in ("eg_coordinate", "eg_tensor", "egdd", "muon_a2a"):
         outcomes = [res[r][f"nan-{name}-raise"] for r in range(WORLD)]

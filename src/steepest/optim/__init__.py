@@ -45,6 +45,7 @@ from .muon import (
     muon_step,
 )
 from .normuon import NorMuon, normuon_normalize, normuon_step
+from .qkclip import ClipAttention, max_attention_logits, qk_clip_
 from .sign import SignSGD, sign_step
 
 __all__ = [
@@ -83,6 +84,10 @@ __all__ = [
     "DDP_STRATEGIES",
     "KELLER_JORDAN",
     "GRANULARITIES",
+    # QK-Clip (MuonClip)
+    "qk_clip_",
+    "max_attention_logits",
+    "ClipAttention",
     # non-finite gradients
     "NonFiniteGradientError",
     "NonFiniteGradientWarning",

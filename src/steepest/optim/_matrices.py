@@ -176,6 +176,18 @@ def _row_ranges(x: Tensor, rows: int) -> tuple[list[tuple[int, int]], int] | Non
     return ranges, mesh.get_local_rank()
 
 
+def dim0_range(x: Tensor) -> tuple[int, int]:
+    """The [a, b) range of ``x``'s first dimension this rank holds (all of it for plain or replicated tensors)."""
+    n = int(x.shape[0])
+    if not is_dtensor(x):
+        return 0, n
+    found = _row_ranges(x, n)
+    if found is None:
+        return 0, n
+    ranges, me = found
+    return ranges[me]
+
+
 def local_rows(x: Tensor, view: MatrixView = WHOLE) -> tuple[Tensor, int, int]:
     """This rank's rows of ``x`` read through ``view``: ``(rows (r, N), a, b)``, global rows [a, b).
 
