@@ -13,6 +13,8 @@ against the one-process run of the blocks as separate parameters: a fused weight
 whose blocks straddle the shards (gathered), one whose shard boundaries fall
 between blocks (local), and a stack of 4 matrices over 3 ranks (2/2/0). QK-Clip on
 row-sharded projections (a head straddling two ranks) equals the one-process clip.
+DCLW with a negative queue and ``gather_distributed`` (DDP) gives the one-process
+gradients and queue contents.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from steepest.optim import (
     NorMuon,
     muon_param_groups,
 )
+from steepest.losses import FlatNCELoss, NegativeQueue
 from steepest.testing import launch
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -175,6 +178,27 @@ def _view_optimizer(name: str, model: nn.Module, **kw) -> torch.optim.Optimizer:
 _TAU = 1.0
 
 
+def _queue_run(rank: int, world: int, ddp: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """DCLW with a negative queue on a linear encoder, 3 steps; rank r takes pairs [2r, 2r + 2) of 6."""
+    torch.manual_seed(3)
+    enc = nn.Linear(5, 4).double()
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        enc = DistributedDataParallel(enc)
+    loss_fn = FlatNCELoss(0.2, weighting="vmf", negatives=NegativeQueue(8, 4, dtype=torch.float64),
+                          gather_distributed=ddp)
+    g = torch.Generator().manual_seed(4)
+    grads = []
+    n = BATCH // world
+    for _ in range(3):
+        x1, x2 = torch.randn(2, BATCH, 5, generator=g, dtype=torch.float64)
+        enc.zero_grad()
+        loss_fn(enc(x1[rank * n:(rank + 1) * n]), enc(x2[rank * n:(rank + 1) * n])).backward()
+        grads.extend(p.grad.detach().clone() for p in enc.parameters())
+    return grads, loss_fn.negatives.negatives()
+
+
 def _clip_attention() -> ClipAttention:
     torch.manual_seed(2)
     att = ClipAttention(8, 2, bias=True, dtype=torch.float64)
@@ -219,6 +243,7 @@ def _worker(rank: int, world: int) -> dict:
     att(_clip_input())
     out["qk_clip_gamma"] = att.qk_clip_(_TAU)
     out["qk_clip"] = [_full(p) for p in (att.q_proj.weight, att.q_proj.bias, att.k_proj.weight, att.k_proj.bias)]
+    out["queue"] = _queue_run(rank, world, ddp=True)
     for name in VIEW_NAMES:
         model = _fsdp_fused()
         opt = _view_optimizer(name, model)
@@ -295,6 +320,13 @@ def test_world_three_equals_one_process_and_decides_once():
                     assert err < 1e-5, f"{kind}-{name} rank {r} parameter {i}: {err:.3g} from the per-block run"
         moved = max(float((a - b).abs().max()) for a, b in zip(want, [p.detach() for p in _Fused().parameters()]))
         assert moved > 1e-2
+    grads, queue = _queue_run(0, 1, ddp=False)
+    for r in range(WORLD):  # the gathered batch is weighted and queued as one process does
+        got_grads, got_queue = res[r]["queue"]
+        for a, b in zip(got_grads, grads):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got_queue, queue, rtol=0, atol=1e-15)
+    assert queue.shape == (8, 4)
     att = _clip_attention()
     att(_clip_input())
     gamma = att.qk_clip_(_TAU)

@@ -34,6 +34,14 @@ gradient agree (tested in ``tests/test_losses.py``). The official FlatCLR code
 descends ``exp(log ξ − sg(log ξ))`` and logs the InfoNCE value; ``value=`` below
 offers both without changing the gradient.
 
+Past the batch: a :class:`NegativeQueue` (MoCo's queue: He et al., *Momentum
+Contrast for Unsupervised Visual Representation Learning*, 2020,
+arXiv:1911.05722) keeps the embeddings of earlier batches as extra negatives,
+passed as ``negatives=`` to :func:`pair_logits`, :func:`info_nce_pairs`,
+:func:`flat_nce_pairs` and the loss modules. ``weighting="vmf"`` turns the FlatNCE
+pair loss into DCLW, DCL with the von Mises–Fisher weight on the positive
+(Yeh et al. 2022, arXiv:2110.06848).
+
 Everything is computed in float32 or wider (float16/bfloat16 inputs are upcast,
 autocast is switched off inside) with ``logsumexp``, so ±1e4 logits stay finite.
 InfoNCE is formed from ``log ξ`` as ``softplus(log ξ)`` rather than
@@ -54,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validate import check_flag, check_number
+from ._validate import check_flag, check_int, check_number
 
 __all__ = [
     "info_nce",
@@ -65,10 +73,13 @@ __all__ = [
     "nce_diagnostics",
     "InfoNCELoss",
     "FlatNCELoss",
+    "NegativeQueue",
+    "vmf_weights",
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _VALUES = ("log_xi", "info_nce", "xi_over_sg")
+_WEIGHTINGS = (None, "vmf")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -249,6 +260,7 @@ def flat_nce(
     positive_mask: Tensor | None = None,
     value: str = "log_xi",
     dtype: torch.dtype | None = None,
+    positive_weight: Tensor | None = None,
 ) -> Tensor:
     r"""FlatNCE (Chen et al. 2021; the FlatNCE note, eqs. 3–5): gradient of ``ξ / sg(ξ)`` = gradient of ``log ξ``.
 
@@ -264,6 +276,13 @@ def flat_nce(
       ``sg(log(1 + ξ)) + log ξ − sg(log ξ)``.
     * ``"xi_over_sg"``: the paper's form ``exp(log ξ − sg(log ξ))``, value 1.
 
+    ``positive_weight`` (B,) weights each row's positive score:
+    ``L = logsumexp_{i≠t} s_i − w·s_t = log ξ + (1 − w)·s_t`` (with ``positive_mask``,
+    ``s_t`` is the logsumexp over the positives) — DCLW's weighted positive
+    (Yeh et al. 2022, arXiv:2110.06848; :func:`vmf_weights`). Gradients flow into
+    the weights too. ``value`` then reports ``L``, its InfoNCE ``log(1 + ξ)`` or
+    ``exp(L − sg(L))``.
+
     Args are those of :func:`info_nce`; K ≥ 2 (at least one negative) is required.
     Precision as for :func:`info_nce`: ``|Δ log ξ| ≲ 32u(1 + |log ξ| + log K)``; a
     half ``dtype`` evaluates the textbook ``logsumexp_{i≠t} s_i − s_t`` in that dtype.
@@ -274,9 +293,16 @@ def flat_nce(
     if x.dtype in _HALF:
         pos, lse_neg, _ = _textbook_terms(x, mask)
         log_xi = lse_neg - pos
+    monitor = log_xi
+    if positive_weight is not None:
+        if not isinstance(positive_weight, Tensor) or positive_weight.shape != (x.shape[0],):
+            raise ValueError(f"positive_weight must be a ({x.shape[0]},) tensor, one weight per row, got "
+                             f"{tuple(positive_weight.shape) if isinstance(positive_weight, Tensor) else positive_weight!r}")
+        s_pos = torch.logsumexp(x.masked_fill(~mask, -math.inf), dim=1)  # s_t exactly for one positive
+        log_xi = log_xi + (1 - positive_weight.to(x.dtype)) * s_pos
     if value == "info_nce":
         # value softplus(log ξ) exactly (adding sg(softplus − log ξ) to log ξ cancelled at tiny ξ)
-        out = _softplus(log_xi).detach() + (log_xi - log_xi.detach())
+        out = _softplus(monitor).detach() + (log_xi - log_xi.detach())
     elif value == "xi_over_sg":
         out = torch.exp(log_xi - log_xi.detach())
     else:
@@ -377,11 +403,13 @@ def _gather(z: Tensor) -> Tensor:
 
 
 def _pair_logits_from(
-    h1: Tensor, h2: Tensor, g1: Tensor, g2: Tensor, offset: int, temperature: float | Tensor
+    h1: Tensor, h2: Tensor, g1: Tensor, g2: Tensor, offset: int, temperature: float | Tensor,
+    extra: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Local rows ``cat(h1, h2)`` (2n) against global columns ``cat(g1, g2)`` (2M), self removed.
+    """Local rows ``cat(h1, h2)`` (2n) against global columns ``cat(g1, g2)`` (2M), self removed, then ``extra``.
 
     ``h1 = g1[offset:offset+n]``: the local views sit at ``offset`` in the global batch.
+    ``extra`` (Q, D) unit rows are appended as Q more columns (negatives of every row).
     """
     n, M = h1.shape[0], g1.shape[0]
     rows = torch.cat([h1, h2], 0)
@@ -393,8 +421,52 @@ def _pair_logits_from(
     keep = torch.ones(2 * n, 2 * M, dtype=torch.bool, device=rows.device)
     keep[torch.arange(2 * n, device=rows.device), self_idx] = False
     logits = sim[keep].view(2 * n, 2 * M - 1)
+    if extra is not None and extra.shape[0]:
+        logits = torch.cat([logits, rows @ extra.T / temperature], 1)
     target = pos_idx - (pos_idx > self_idx).long()
     return logits, target
+
+
+def _negatives(negatives: Any, d: int, cd: torch.dtype, device: torch.device) -> Tensor | None:
+    """Extra negatives as (Q, D) unit rows in the compute dtype; a queue's are its stored embeddings."""
+    if negatives is None:
+        return None
+    if isinstance(negatives, NegativeQueue):
+        negatives = negatives.negatives()
+    if not isinstance(negatives, Tensor) or not negatives.is_floating_point() or negatives.dim() != 2:
+        raise TypeError("negatives must be a NegativeQueue or a floating (Q, D) tensor of embeddings")
+    if negatives.shape[1] != d:
+        raise ValueError(f"negatives have dimension {negatives.shape[1]}, the views {d}")
+    if not torch.isfinite(negatives).all():
+        raise ValueError("negatives contain NaN or Inf")
+    return _unit_rows(negatives.to(device=device, dtype=cd))
+
+
+def _pair_parts(z1: Tensor, z2: Tensor, temperature: float | Tensor, gather_distributed: bool,
+                dtype: torch.dtype | None, negatives: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """``(logits, target, g1, g2, offset)``: :func:`pair_logits` plus the global unit views and this rank's offset."""
+    _check_pair(z1, z2)
+    check_flag("gather_distributed", gather_distributed)
+    cd = _compute_dtype(z1, dtype)
+    _check_temperature(temperature, cd)
+    rank, world = _world() if gather_distributed else (0, 1)
+    n = z1.shape[0]
+    if n * world < 2:
+        raise ValueError(
+            f"the pair losses need N >= 2 pairs in the (global) batch: with N = {n * world} a view has no negative"
+        )
+    with torch.autocast(device_type=z1.device.type, enabled=False):
+        extra = _negatives(negatives, z1.shape[1], cd, z1.device)
+        h1 = _unit_rows(z1.to(cd))
+        h2 = _unit_rows(z2.to(cd))
+        if world > 1:  # one collective for both views: (W·2n, d) → per rank [h1; h2]
+            g = _gather(torch.cat([h1, h2])).view(world, 2, n, -1)
+            g1, g2 = g[:, 0].reshape(world * n, -1), g[:, 1].reshape(world * n, -1)
+        else:
+            g1, g2 = h1, h2
+        t = temperature.to(cd) if isinstance(temperature, Tensor) else temperature
+        logits, target = _pair_logits_from(h1, h2, g1, g2, rank * n, t, extra)
+    return logits, target, g1, g2, rank * n
 
 
 def pair_logits(
@@ -404,6 +476,7 @@ def pair_logits(
     *,
     gather_distributed: bool = False,
     dtype: torch.dtype | None = None,
+    negatives: Any = None,
 ) -> tuple[Tensor, Tensor]:
     r"""The NT-Xent score matrix of 2N views (SimCLR; lightly's ``NTXentLoss`` layout), self excluded.
 
@@ -424,27 +497,17 @@ def pair_logits(
     averaging over ranks, has exactly the one-process gradient of the mean loss on
     the concatenated batch (no world-size factor). Without an initialised group
     (or W = 1) it is the local computation.
+
+    ``negatives``: extra negatives appended to every row — a :class:`NegativeQueue`
+    (its stored embeddings) or a (Q, D) tensor of embeddings; they are
+    L2-normalised like the views and give Q more columns ``cos(v_a, n_j)/τ`` after
+    the 2N − 1 batch columns (logits (2N, 2N − 1 + Q); the target is unchanged). A
+    queue's embeddings carry no gradient; a tensor is used as given (detach it if
+    it should get none). They are not gathered: every rank should hold the same
+    ones (a queue filled with ``enqueue(..., gather_distributed=True)`` does).
     """
-    _check_pair(z1, z2)
-    check_flag("gather_distributed", gather_distributed)
-    cd = _compute_dtype(z1, dtype)
-    _check_temperature(temperature, cd)
-    rank, world = _world() if gather_distributed else (0, 1)
-    n = z1.shape[0]
-    if n * world < 2:
-        raise ValueError(
-            f"the pair losses need N >= 2 pairs in the (global) batch: with N = {n * world} a view has no negative"
-        )
-    with torch.autocast(device_type=z1.device.type, enabled=False):
-        h1 = _unit_rows(z1.to(cd))
-        h2 = _unit_rows(z2.to(cd))
-        if world > 1:  # one collective for both views: (W·2n, d) → per rank [h1; h2]
-            g = _gather(torch.cat([h1, h2])).view(world, 2, n, -1)
-            g1, g2 = g[:, 0].reshape(world * n, -1), g[:, 1].reshape(world * n, -1)
-        else:
-            g1, g2 = h1, h2
-        t = temperature.to(cd) if isinstance(temperature, Tensor) else temperature
-        return _pair_logits_from(h1, h2, g1, g2, rank * n, t)
+    logits, target, _, _, _ = _pair_parts(z1, z2, temperature, gather_distributed, dtype, negatives)
+    return logits, target
 
 
 def info_nce_pairs(
@@ -455,14 +518,18 @@ def info_nce_pairs(
     reduction: str = "mean",
     gather_distributed: bool = False,
     dtype: torch.dtype | None = None,
+    negatives: Any = None,
 ) -> Tensor:
     r"""NT-Xent (SimCLR; lightly's ``NTXentLoss``): :func:`info_nce` on :func:`pair_logits`.
 
     Per view a: ``−log( e^{c_{a,a⁺}/τ} / Σ_{b≠a} e^{c_{ab}/τ} )`` with ``c`` the cosine
-    similarity, averaged over the 2N views. N ≥ 2.
+    similarity, averaged over the 2N views. N ≥ 2. ``negatives`` (a
+    :class:`NegativeQueue` or a (Q, D) tensor) adds Q negatives to every view's
+    sum (:func:`pair_logits`), as MoCo's queue does.
     """
     _check_reduction(reduction)
-    logits, target = pair_logits(z1, z2, temperature, gather_distributed=gather_distributed, dtype=dtype)
+    logits, target = pair_logits(z1, z2, temperature, gather_distributed=gather_distributed, dtype=dtype,
+                                 negatives=negatives)
     return info_nce(logits, target, reduction, dtype=dtype)
 
 
@@ -475,18 +542,49 @@ def flat_nce_pairs(
     value: str = "log_xi",
     gather_distributed: bool = False,
     dtype: torch.dtype | None = None,
+    negatives: Any = None,
+    weighting: str | None = None,
+    sigma: float = 0.5,
 ) -> Tensor:
     r"""FlatCLR (Chen et al. 2021) / DCL: :func:`flat_nce` on :func:`pair_logits`.
 
     Per view a: ``log Σ_{b∉{a,a⁺}} e^{c_{ab}/τ} − c_{a,a⁺}/τ`` — exactly the
     Decoupled Contrastive Learning loss (Yeh et al. 2022, eq. 6; lightly's
     ``DCLLoss(weight_fn=None)``), value and gradient. N ≥ 2. ``value`` as in
-    :func:`flat_nce`.
+    :func:`flat_nce`; ``negatives`` as in :func:`info_nce_pairs`.
+
+    ``weighting="vmf"``: DCLW (Yeh et al. 2022, arXiv:2110.06848, §4), the positive
+    weighted by the von Mises–Fisher weight of its pair,
+    ``log Σ_{b∉{a,a⁺}} e^{c_{ab}/τ} − w_i·c_{a,a⁺}/τ`` with
+    ``w_i = 2 − N·exp(c_i/σ) / Σ_j exp(c_j/σ)`` (:func:`vmf_weights`; ``c_i`` the
+    cosine of pair i, the sum over the N pairs of the global batch, ``sigma`` = σ,
+    0.5 in the paper). Both views of pair i get ``w_i``; as in the reference
+    implementations the weight is differentiated through.
     """
     _check_reduction(reduction)
     _check_value(value)
-    logits, target = pair_logits(z1, z2, temperature, gather_distributed=gather_distributed, dtype=dtype)
-    return flat_nce(logits, target, reduction, value=value, dtype=dtype)
+    if weighting not in _WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
+    logits, target, g1, g2, offset = _pair_parts(z1, z2, temperature, gather_distributed, dtype, negatives)
+    weight = None
+    if weighting == "vmf":
+        n = z1.shape[0]
+        w = vmf_weights(g1, g2, sigma)[offset:offset + n]
+        weight = torch.cat([w, w])
+    return flat_nce(logits, target, reduction, value=value, dtype=dtype, positive_weight=weight)
+
+
+def vmf_weights(z1: Tensor, z2: Tensor, sigma: float = 0.5) -> Tensor:
+    r"""DCLW's von Mises–Fisher weights of N positive pairs (Yeh et al. 2022, arXiv:2110.06848, §4).
+
+    ``w_i = 2 − N·exp(c_i/σ) / Σ_j exp(c_j/σ)`` with ``c_i = cos(z1_i, z2_i)``
+    (``2 − N·softmax(c/σ)``): pairs that are already close get less weight, far
+    ones more; the weights average to 1. Differentiable.
+    """
+    sigma = check_number("sigma", sigma, low=0.0, low_open=True)
+    _check_pair(z1, z2)
+    c = (_unit_rows(z1) * _unit_rows(z2)).sum(1)
+    return 2 - z1.shape[0] * torch.softmax(c / sigma, dim=0)
 
 
 # --------------------------------------------------------------------------- diagnostics
@@ -543,6 +641,106 @@ def nce_diagnostics(
     }
 
 
+# --------------------------------------------------------------------------- queue
+class NegativeQueue(nn.Module):
+    r"""A fixed-size FIFO of past embeddings, used as extra negatives (MoCo's queue, arXiv:1911.05722).
+
+    Holds up to ``size`` rows of dimension ``dim`` in the buffer ``embeddings``
+    (with ``ptr``, the next slot to write, and ``count``, the slots filled — all
+    saved in the ``state_dict``). :meth:`enqueue` stores L2-normalised, detached
+    copies of a batch, overwriting the oldest rows once full (a batch larger than
+    the queue keeps its last ``size`` rows); :meth:`negatives` returns the stored
+    rows, oldest first, as a new tensor that carries no gradient. Pass the queue as
+    ``negatives=`` to :func:`pair_logits`, :func:`info_nce_pairs`,
+    :func:`flat_nce_pairs`, :class:`InfoNCELoss` or :class:`FlatNCELoss`; compute the
+    loss first, then enqueue the batch (MoCo's order: a batch is never its own
+    queued negative).
+
+    Args:
+        size: capacity, in rows (≥ 1).
+        dim: embedding dimension (≥ 1).
+        dtype: storage dtype (default float32).
+        device: storage device.
+    """
+
+    embeddings: Tensor
+    ptr: Tensor
+    count: Tensor
+
+    def __init__(self, size: int, dim: int, *, dtype: torch.dtype = torch.float32, device: Any = None) -> None:
+        super().__init__()
+        check_int("size", size, low=1)
+        check_int("dim", dim, low=1)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        self.register_buffer("embeddings", torch.zeros(size, dim, dtype=dtype, device=device))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long, device=device))
+
+    @property
+    def size(self) -> int:
+        """Capacity in rows."""
+        return self.embeddings.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return self.embeddings.shape[1]
+
+    def __len__(self) -> int:
+        return int(self.count)
+
+    @torch.no_grad()
+    def enqueue(self, z: Tensor, *, gather_distributed: bool = False) -> None:
+        """Append the rows of ``z`` (N, dim), normalised and detached, oldest rows overwritten first.
+
+        With ``gather_distributed=True`` and an initialised process group of world
+        size W > 1, the rows of every rank are gathered first (rank order, equal N on
+        every rank), so that all ranks keep the same queue.
+        """
+        check_flag("gather_distributed", gather_distributed)
+        if not isinstance(z, Tensor) or not z.is_floating_point() or z.dim() != 2 or z.shape[1] != self.dim:
+            raise ValueError(f"z must be a floating (N, {self.dim}) tensor, got "
+                             f"{tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__}")
+        if not torch.isfinite(z).all():
+            raise ValueError("z contains NaN or Inf; a queued embedding would poison every later loss")
+        h = _unit_rows(z.detach().to(torch.promote_types(z.dtype, torch.float32)))
+        rank, world = _world() if gather_distributed else (0, 1)
+        if world > 1:
+            import torch.distributed as dist
+
+            h = h.contiguous()
+            out = h.new_empty((world * h.shape[0], h.shape[1]))
+            dist.all_gather_into_tensor(out, h)
+            h = out
+        n, size = h.shape[0], self.size
+        if n == 0:
+            return
+        start = int(self.ptr)
+        if n > size:  # only the last `size` rows would survive the wrap-around
+            start, h = (start + n - size) % size, h[n - size:]
+        idx = (start + torch.arange(h.shape[0], device=self.embeddings.device)) % size
+        self.embeddings.index_copy_(0, idx, h.to(self.embeddings))
+        self.ptr.fill_((int(self.ptr) + n) % size)
+        self.count.fill_(min(size, int(self.count) + n))
+
+    def negatives(self) -> Tensor:
+        """The stored rows, oldest first: a new (len(self), dim) tensor without gradient."""
+        k, p = int(self.count), int(self.ptr)
+        if k < self.size:
+            return self.embeddings[:k].detach().clone()
+        return torch.cat([self.embeddings[p:], self.embeddings[:p]]).detach()
+
+    def reset(self) -> None:
+        """Empty the queue."""
+        self.embeddings.zero_()
+        self.ptr.zero_()
+        self.count.zero_()
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.dim}, filled={len(self)}"
+
+
 # --------------------------------------------------------------------------- modules
 class _PairLoss(nn.Module):
     """Temperature, reduction and distributed options shared by the pair-loss modules.
@@ -558,8 +756,13 @@ class _PairLoss(nn.Module):
         temperature_range: tuple[float, float] = (0.01, 1.0),
         gather_distributed: bool = False,
         reduction: str = "mean",
+        negatives: NegativeQueue | None = None,
     ) -> None:
         super().__init__()
+        if negatives is not None and not isinstance(negatives, NegativeQueue):
+            raise TypeError(f"negatives must be a NegativeQueue or None, got {type(negatives).__name__}; pass a "
+                            "fixed tensor of negatives to the functions (info_nce_pairs, flat_nce_pairs) instead")
+        self.negatives = negatives
         temperature = _check_temperature(temperature, torch.float64)
         _check_reduction(reduction)
         check_flag("learnable_temperature", learnable_temperature)
@@ -600,6 +803,11 @@ class _PairLoss(nn.Module):
             with torch.no_grad():
                 self.log_temperature.clamp_(math.log(lo), math.log(hi))
 
+    def _enqueue(self, z2: Tensor) -> None:
+        """After the loss: the batch's second views join the queue (training mode only)."""
+        if self.negatives is not None and self.training:
+            self.negatives.enqueue(z2, gather_distributed=self.gather_distributed)
+
     def extra_repr(self) -> str:
         t = float(self.temperature.detach()) if self.learnable_temperature else self._temperature
         return (
@@ -639,13 +847,21 @@ class InfoNCELoss(_PairLoss):
             rank is required. Without a group it is the local loss.
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (one value per
             local view, shape ``(2N,)``).
+        negatives: a :class:`NegativeQueue` (a submodule: saved in the
+            ``state_dict``) or None. Each forward appends its stored embeddings to
+            every view's negatives, then — in training mode — enqueues the batch's
+            ``z2`` (the key view, as MoCo enqueues its keys; gathered over the ranks
+            with ``gather_distributed``).
     """
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         self._project_temperature()
-        return info_nce_pairs(
-            z1, z2, self.temperature, reduction=self.reduction, gather_distributed=self.gather_distributed
+        loss = info_nce_pairs(
+            z1, z2, self.temperature, reduction=self.reduction, gather_distributed=self.gather_distributed,
+            negatives=self.negatives,
         )
+        self._enqueue(z2)
+        return loss
 
 
 class FlatNCELoss(_PairLoss):
@@ -678,23 +894,41 @@ class FlatNCELoss(_PairLoss):
             every rank is required. Without a group it is the local loss.
         reduction: keyword, ``"mean"`` (default), ``"sum"`` or ``"none"`` (one
             value per local view, shape ``(2N,)``).
+        weighting: keyword, ``None`` (default: DCL) or ``"vmf"`` (DCLW: the
+            positive weighted by the von Mises–Fisher weight ``2 − N·softmax(c/σ)``,
+            see :func:`flat_nce_pairs`).
+        sigma: keyword, σ of the ``"vmf"`` weighting, default 0.5 (the paper's).
+        negatives: keyword, a :class:`NegativeQueue` or None, as for
+            :class:`InfoNCELoss`.
     """
 
-    def __init__(self, temperature: float = 0.1, *, value: str = "log_xi", **kwargs: Any) -> None:
+    def __init__(self, temperature: float = 0.1, *, value: str = "log_xi", weighting: str | None = None,
+                 sigma: float = 0.5, **kwargs: Any) -> None:
         _check_value(value)
+        if weighting not in _WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
+        sigma = check_number("sigma", sigma, low=0.0, low_open=True)
         super().__init__(temperature, **kwargs)
         self.value = value
+        self.weighting = weighting
+        self.sigma = sigma
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         self._project_temperature()
-        return flat_nce_pairs(
+        loss = flat_nce_pairs(
             z1,
             z2,
             self.temperature,
             reduction=self.reduction,
             value=self.value,
             gather_distributed=self.gather_distributed,
+            negatives=self.negatives,
+            weighting=self.weighting,
+            sigma=self.sigma,
         )
+        self._enqueue(z2)
+        return loss
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", value={self.value!r}"
+        extra = f", weighting={self.weighting!r}, sigma={self.sigma}" if self.weighting else ""
+        return super().extra_repr() + f", value={self.value!r}" + extra
