@@ -1,28 +1,91 @@
-"""The EG experiment's verdict, on synthetic ratios."""
+"""The EG experiment's choices and verdict, on synthetic runs (no training)."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from steepest.experiments import eg as E
+from steepest.experiments._protocol import interval
 
 
-def test_goal_verdict():
-    assert E.goal_verdict({"x0.1": 0.95, "x10": 1.05}) == "held"
-    assert E.goal_verdict({"x0.1": 1.1, "x10": 1.1}) == "held"  # "within 10 %" includes 10 %
-    assert E.goal_verdict({"x0.1": 0.95, "x10": math.inf}) == "partly held"  # diverged counts as missed
-    assert E.goal_verdict({"x0.1": 1.12, "x10": math.inf}) == "not held"
-    assert E.goal_verdict({"x0.1": math.nan}) == "not held"
+def _log(ratios):
+    return interval([math.log(r) if math.isfinite(r) else math.inf for r in ratios])
+
+
+def test_goal_verdict_reads_the_interval_of_the_paired_ratios():
+    tight = [0.95, 0.97, 0.99, 1.0, 0.96]
+    assert E.goal_verdict({"x0.1": _log(tight), "x10": _log(tight)}) == "held"
+    # the audit's numbers: test ratios 1.123, 1.248, 1.005 — mean above 1.1, interval across it
+    assert E.goal_verdict({"x0.1": _log([1.123, 1.248, 1.005])}) == "not held"
+    assert E.goal_verdict({"x0.1": _log([1.05, 1.20, 0.98])}) == "partly held"  # mean below 1.1, interval across
+    assert E.goal_verdict({"x0.1": _log(tight), "x10": _log([0.9, math.inf, 0.95])}) == "partly held"  # diverged once
+    assert E.goal_verdict({"x0.1": _log([1.3, 1.4, 1.5]), "x10": _log([math.inf] * 3)}) == "not held"
+    assert E.goal_verdict({"x0.1": _log([0.9])}) == "not measured"  # one replicate: direction only
     assert E.goal_verdict({}) == "not measured"
 
 
-def test_goal_test_uses_the_rule_chosen_on_validation():
-    grid = {"EGStepSize tensor": {0.1: {"val": 0.076, "test": 0.072}}, "SGD": {0.1: {"val": 0.16, "test": 0.15}}}
-    goal = {"x0.1": {"best": "EGStepSize tensor", "val": 0.076}}
-    E._goal_test(grid, goal, tuned_test=0.064)
+class FakeRuns:
+    """E._Runs without training: each (spec, replicate) gets validation and test losses from ``loss``."""
+
+    def __init__(self, loss, reps):
+        self.loss, self.reps, self.done, self.calls = loss, reps, {}, []
+
+    def run(self, specs, description):
+        self.calls.append(description)
+        for s in specs:
+            for r in self.reps:
+                self.done.setdefault((s, r), {"val": self.loss(s, r, "val"), "test": self.loss(s, r, "test"),
+                                              "test_acc": 0.9})
+
+    def get(self, spec, key):
+        return [self.done[(spec, r)][key] for r in self.reps]
+
+
+def test_choices_are_made_on_validation_and_the_claim_is_read_on_test():
+    cfg = {"sgd_grid": [0.1, 0.3, 1.0], "adam_grid": [1e-3, 1e-2], "kappas": [0.01, 0.1]}
+
+    def loss(spec, rep, part):
+        name, base, m, kap = spec
+        lr = base * m
+        if name in ("SGD", "Adam"):  # best base lr on validation: 0.3 and 0.01; test would prefer others
+            best = 0.3 if name == "SGD" else 1e-2
+            v = 0.1 + abs(math.log(lr / best))
+            return v if part == "val" else 0.1 + abs(math.log(lr / (1.0 if name == "SGD" else 1e-3)))
+        if name == "EGDD":
+            return 0.5
+        if name == "EGStepSize tensor":  # validation prefers κ 0.1, test κ 0.01
+            good = 0.1 if part == "val" else 0.01
+            return (0.105 if kap == good else 0.3) + 0.001 * rep
+        if name == "EGStepSize coordinate" and m == 10.0:
+            return math.inf  # diverges at ×10: never chosen
+        return 0.2
+
+    runs = FakeRuns(loss, [0, 1, 2])
+    sel = E._choose_settings(runs, cfg)
+    assert sel["lr_sgd"] == 0.3 and sel["lr_adam"] == 1e-2
+    assert sel["kappa"]["EGStepSize tensor"] == 0.1 and sel["chosen"] == "EGStepSize tensor"
+    assert sel["kappa_scores"]["EGStepSize coordinate"][0.01] == math.inf
+    runs.run([E._spec(sel, n, m) for n in E.METHODS for m in (0.1, 1.0, 10.0)], "the grid")
+    goal = E._goal(runs, sel)
     g = goal["x0.1"]
-    assert math.isclose(g["ratio_to_tuned_sgd_test"], 0.072 / 0.064) and g["within_10pct_test"] is False
-    assert g["sgd_test"] == 0.15
-    goal = {"x10": {"best": "EGStepSize tensor", "val": math.inf}}
-    E._goal_test({"EGStepSize tensor": {10.0: {"test": math.inf}}, "SGD": {10.0: {"test": math.inf}}}, goal, 0.064)
-    assert goal["x10"]["ratio_to_tuned_sgd_test"] == math.inf and not goal["x10"]["within_10pct_test"]
+    assert g["best"] == "EGStepSize tensor" and g["kappa"] == 0.1
+    # test losses of the validation choice: κ 0.1 is the bad one on test (0.3 + ...), tuned SGD's test 0.1 + log(1/0.3)
+    sgd_test = 0.1 + abs(math.log(0.3))
+    assert np.allclose(g["ratio_test_per_replicate"], [(0.3 + 0.001 * r) / sgd_test for r in range(3)])
+    assert g["verdict"] == "held"  # ratios ~0.3/1.3: far below 1.1
+    assert {"ratio_to_tuned_sgd", "ratio_to_tuned_sgd_test", "within_10pct", "within_10pct_test", "sgd_val",
+            "sgd_test", "log_ratio_test_interval"} <= set(g)
+
+
+def test_the_sgd_arm_has_as_many_candidates_as_the_eg_family():
+    from steepest.report import Context, Section
+
+    for mode in ("smoke", "quick", "full"):
+        cfg = E._robustness_setup(Context(Section("eg", "eg"), ".", mode=mode))
+        n_eg = 3 * len(cfg["kappas"]) + 1  # three EGStepSize granularities × κ, and EGDD
+        assert len(cfg["sgd_grid"]) == len(cfg["adam_grid"]) == n_eg
+        assert len(set(cfg["sgd_grid"])) == n_eg
+        assert set(E.MISSET) <= set(cfg["mults"])
+    assert E._robustness_setup(Context(Section("eg", "eg"), ".", mode="full"))["replicates"] >= 5

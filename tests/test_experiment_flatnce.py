@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from steepest.experiments import flatnce as E
 
 
-def test_split_is_fixed_stratified_and_disjoint():
-    xtr, ytr, xte, yte = E.load_split()
-    assert xtr.shape[1:] == (1, 8, 8) and len(xte) == E.TEST_SIZE
-    assert len(xtr) + len(xte) == 1797
-    # stratified: every class in both parts in proportion
-    assert np.all(np.abs(np.bincount(yte) / len(yte) - np.bincount(ytr) / len(ytr)) < 0.01)
-    a, b = E.load_split()[0], E.load_split()[0]
-    assert torch.equal(a, b)
+def test_split_has_three_parts_and_a_fixed_validation_part():
+    a, b = E.load_split(0), E.load_split(1)
+    assert a["xtr"].shape[1:] == (1, 8, 8) and len(a["xte"]) == E.TEST_SIZE and len(a["xva"]) == E.VAL_SIZE
+    assert len(a["xtr"]) + len(a["xva"]) + len(a["xte"]) == 1797
+    assert torch.equal(a["xva"], b["xva"]) and not torch.equal(a["xte"], b["xte"])
+    # stratified: every class in every part in proportion
+    for part in ("ytr", "yva", "yte"):
+        assert np.all(np.abs(np.bincount(a[part]) / len(a[part]) - 0.1) < 0.02)
     # no test image appears in the training part
-    tr = {bytes(x.numpy().tobytes()) for x in xtr}
-    assert sum(bytes(x.numpy().tobytes()) in tr for x in xte) <= 2  # digits has a couple of exact duplicates
+    tr = {bytes(x.numpy().tobytes()) for x in a["xtr"]}
+    assert sum(bytes(x.numpy().tobytes()) in tr for x in a["xte"]) <= 2  # digits has a couple of exact duplicates
 
 
 def test_augment_keeps_shape_and_varies_per_sample():
-    x = E.load_split()[0][:200]
+    x = E.load_split()["xtr"][:200]
     g = torch.Generator().manual_seed(0)
     y1, y2 = E.augment(x, g), E.augment(x, g)
     assert y1.shape == x.shape and torch.isfinite(y1).all()
@@ -44,43 +46,64 @@ def test_few_shot_draws_have_k_per_class():
         assert all(np.array_equal(a, b) for a, b in zip(draws, E.few_shot_draws(y, k, 4, seed=0)))
 
 
-def test_gaps_by_arm_pairs_seeds_at_the_smallest_common_batch():
-    runs = []
-    for arm, batches in (("fp32", (8, 16)), ("bf16", (16, 32))):
-        for b in batches:
-            for s in (0, 1):
-                for loss, acc in (("flatnce", 70.0 + s + (b == 16) * 5), ("infonce", 68.0 + 2 * s)):
-                    r = E.Run(loss, b, 0.1, s, arm)
-                    r.probe = {"1-shot": acc}
-                    runs.append(r)
-    (b, t), gaps = E._gaps_by_arm(runs)
-    assert (b, t) == (16, 0.1)
-    assert gaps == {"fp32": [7.0, 6.0], "bf16": [7.0, 6.0]}
-    assert E._gaps_by_arm([r for r in runs if r.precision == "fp32"]) is None
+def test_xi_floor_says_where_round_off_can_happen():
+    """log ξ ≥ log(2B − 2) − 2/T: the audit's statement, and the floor reached by the worst-case logits."""
+    from steepest.losses import nce_diagnostics, pair_logits
+
+    fp32, bf16 = E.U["fp32"], E.U["bf16"]
+    assert E.roundoff_reachable(8, 0.1, fp32)  # barely: -17.36 against -16.64
+    assert not any(E.roundoff_reachable(b, 0.1, fp32) for b in (16, 32, 64, 256))
+    assert not any(E.roundoff_reachable(b, 0.5, u) for b in (8, 16, 32, 64, 256) for u in (fp32, bf16))
+    assert all(E.roundoff_reachable(b, 0.1, bf16) for b in (8, 16, 32, 64, 256))
+    assert not E.roundoff_reachable(8, 0.25, bf16)
+    # views whose positives coincide: orthogonal negatives sit above the floor, antipodal ones reach it
+    B, T = 8, 0.1
+    u = torch.eye(B, dtype=torch.float64)
+    logits, target = pair_logits(u, u, T)
+    d = nce_diagnostics(logits, target, xi_threshold=1e-3)
+    # orthogonal negatives (cos 0): log ξ = log(2B − 2) − 1/T exactly, above the floor
+    assert math.isclose(d["log_xi"], math.log(2 * B - 2) - 1 / T, rel_tol=1e-12)
+    assert E.xi_floor(B, T) < d["log_xi"]
+    v = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)  # B = 2: the negative is antipodal
+    logits, target = pair_logits(v, v, T)
+    assert math.isclose(nce_diagnostics(logits, target)["log_xi"], E.xi_floor(2, T), rel_tol=1e-12)
 
 
 def test_advantage_verdict_from_paired_gaps():
-    assert E.advantage_verdict({0.1: [6.0, 5.5, 10.4], 0.5: [0.1, 2.0, 3.6]}, True) == "held"
-    assert E.advantage_verdict({0.1: [-1.0, -2.0, 0.5]}, True) == "not held"  # mean below 0
-    assert E.advantage_verdict({0.1: [0.0, 0.0, 0.0]}, True) == "not held"
-    assert E.advantage_verdict({0.1: [3.0, -1.0, 2.0]}, True) == "partly held"  # mean > 0, one seed worse
-    assert E.advantage_verdict({0.1: [1.0, 2.0, 3.0], 0.5: [-1.0, -2.0, -3.0]}, True) == "partly held"
-    assert E.advantage_verdict({0.1: [6.0, 5.5, 10.4]}, False) == "not measured"  # quick: direction only
-    assert E.advantage_verdict({}, True) == "not measured"
+    assert E.advantage_verdict([6.0, 5.5, 10.4, 4.0, 7.0]) == "held"
+    assert E.advantage_verdict([0.1, 2.0, 3.6]) == "partly held"  # the audit's T = 0.5 case: p ≈ 0.2
+    assert E.advantage_verdict([-1.0, -2.0, 0.5]) == "not held"
+    assert E.advantage_verdict([0.0, 0.0, 0.0]) == "not held"
+    assert E.advantage_verdict([4.0]) == "not measured"  # one seed: direction only
+    assert E.advantage_verdict([]) == "not measured"
 
 
-def test_roundoff_verdict_needs_anchors_below_float32_resolution_and_a_gap_growing_as_precision_drops():
-    same = {"fp32": [6.0, 5.5, 10.4], "bf16-loss": [8.5, 10.4, 2.0], "bf16": [3.9, 6.9, 5.0]}
-    assert E.roundoff_verdict(0.0, same, True) == "not held"  # the stored full run's numbers
-    grows = {"fp32": [1.0, 1.5, 0.5], "bf16": [6.0, 7.0, 8.0]}
-    assert E.roundoff_verdict(0.2, grows, True) == "held"
-    assert E.roundoff_verdict(0.0, grows, True) == "partly held"
-    assert E.roundoff_verdict(0.2, same, True) == "partly held"
-    assert E.roundoff_verdict(0.0, same, False) == "not measured"
-    assert E.roundoff_verdict(0.0, {"fp32": [1.0]}, True) == "not measured"  # no bf16 arm to compare
+def test_roundoff_verdict_needs_a_gap_growing_as_precision_drops():
+    flat = {"bf16-loss": [-0.3, 2.0, -4.0], "bf16": [-2.0, 0.5, -3.0]}
+    assert E.roundoff_verdict(flat, 0.0) == "not held"
+    assert E.roundoff_verdict(flat, None) == "not held"  # the float32 diagnostic could not fire: no evidence
+    grows = {"bf16-loss": [5.0, 6.0, 7.0], "bf16": [4.0, 5.0, 6.5]}
+    assert E.roundoff_verdict(grows, 0.2) == "held"
+    assert E.roundoff_verdict(grows, 0.0) == "partly held"  # reachable in float32, never seen
+    assert E.roundoff_verdict(grows, None) == "held"
+    assert E.roundoff_verdict({"bf16": [3.0]}, 0.0) == "not measured"
+    assert E.roundoff_verdict({}, 0.0) == "not measured"
 
 
 def test_one_seed_has_no_spread_and_gaps_are_signed():
     assert E._fmt([62.8]) == "62.8" and E._fmt([1.0, 3.0]) == "2.0 ± 1.4"
-    assert E._fmt_gap([-4.44]) == "-4.4 pp" and E._fmt_gap([-0.01]) == "+0.0 pp"
-    assert E._fmt_gap([1.0, 3.0]) == "+2.0 ± 1.4 pp (2/2 seeds > 0)"
+    assert E._fmt_gap([-4.44]) == "-4.4 pp (n = 1: direction only)" and E._fmt_gap([-0.01]).startswith("+0.0 pp")
+    assert E._fmt_gap([1.0, 3.0, 2.0]).startswith("+2.0 pp, 95 % CI [")
+
+
+def test_equal_steps_budget_and_the_grid_are_the_same_for_both_losses():
+    from steepest.report import Context, Section
+
+    for mode in ("quick", "full"):
+        cfg = E._config(Context(Section("flatnce", "f"), ".", mode=mode))
+        assert E.MECH_T in cfg["temps"] and set(cfg["bf16_loss"]) | set(cfg["bf16"]) <= set(cfg["batches"])
+        ref = cfg["equal_steps_ref"]
+        assert cfg["equal_steps"] == E._epochs_budget(cfg, ref)
+        assert E._epochs_budget(cfg, min(cfg["batches"])) > cfg["equal_steps"]  # small batches: more steps per epoch
+    full = E._config(Context(Section("flatnce", "f"), ".", mode="full"))
+    assert full["seeds"] >= 5 and full["bf16_seeds"] >= 3 and full["sel"] < full["seeds"]

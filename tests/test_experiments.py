@@ -31,6 +31,9 @@ def test_experiment_smoke(name, tmp_path):
         assert c["evidence"]["split"] in ("test", "validation", "train", "none") and c["evidence"]["seeds"]
         if c["evidence"]["split"] != "none":  # smoke sizes are no evidence for a claim about learning
             assert c["verdict"] == "not measured" and c["command"].startswith("steepest reproduce")
+        # learning claims are read on held-out test data; no verdict rests on the split that chose the settings
+        assert c["evidence"]["split"] != "validation"
+        assert c["evidence"]["split"] in ("test", "none") or name == "isotropy"  # isotropy: the update's own batch
     lowered = report.lower()
     for word in ("pilot", "the issue", "spec.md", "seed 00", "'div'", "| inf |", "| div |"):
         assert word not in lowered, word
@@ -95,7 +98,8 @@ def _old_digits_split(test_size, seed, images=False):
 
 
 def _old_permutation_split(seed):
-    """eg's 60/20/20 split as it was written before the shared loader."""
+    """eg's 60/20/20 split as it was written before the shared loader, with one fix: a pixel constant in the
+    training part keeps scale 1 (σ + 1e-8 multiplied it by 1e8 on the other parts)."""
     import numpy as np
     import torch
     from sklearn.datasets import load_digits
@@ -104,8 +108,8 @@ def _old_permutation_split(seed):
     perm = np.random.default_rng(seed).permutation(len(y))
     n_tr, n_va = int(0.6 * len(y)), int(0.2 * len(y))
     tr, va, te = perm[:n_tr], perm[n_tr:n_tr + n_va], perm[n_tr + n_va:]
-    mu, sd = X[tr].mean(0), X[tr].std(0) + 1e-8
-    Xs = torch.tensor((X - mu) / sd, dtype=torch.float32)
+    mu, sd = X[tr].mean(0), X[tr].std(0)
+    Xs = torch.tensor((X - mu) / np.where(sd > 0, sd, 1.0), dtype=torch.float32)
     yt = torch.tensor(y)
     return {"xtr": Xs[tr], "ytr": yt[tr], "xva": Xs[va], "yva": yt[va], "xte": Xs[te], "yte": yt[te]}
 
@@ -121,6 +125,29 @@ def _old_generator_split(seed):
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     te, tr = perm[:360], perm[360:]
     return X[tr], y[tr], X[te], y[te]
+
+
+def test_a_verdict_cannot_rest_on_the_validation_split(tmp_path):
+    from steepest.report import Context, Section
+
+    ctx = Context(Section("x", "X"), tmp_path, mode="quick")
+    for verdict in ("held", "partly held", "not held"):
+        with pytest.raises(ValueError, match="validation"):
+            ctx.claim("n", "u", "c", verdict, "f", split="validation", seeds=[0, 1, 2])
+    ctx.claim("n", "u", "c", "not measured", "f", split="validation", seeds=[0], command="steepest reproduce --full")
+    ctx.claim("n", "u", "c", "held", "f", split="test", seeds=[0, 1, 2])
+
+
+def test_a_learning_claim_with_too_few_seeds_is_not_measured(tmp_path):
+    from steepest.experiments import claim
+    from steepest.report import Context, Section
+
+    ctx = Context(Section("eg", "EG"), tmp_path, mode="quick")
+    claim(ctx, "eg", "c", "held", "f", split="test", seeds=[0])
+    claim(ctx, "eg", "c", "held", "f", split="test", seeds=[0, 1, 2])
+    claim(ctx, "eg", "c", "held", "f", split="none", seeds=[0])
+    got = [(c.verdict, c.command) for c in ctx.section.claims]
+    assert got == [("not measured", "steepest reproduce --full --only eg"), ("held", None), ("held", None)]
 
 
 def _identical(a, b):

@@ -357,7 +357,14 @@ class Context:
 
     def claim(self, note: str, url: str, claim: str, verdict: str, figure: str, *, split: str, seeds: Sequence[int],
               beyond: bool = False, command: str | None = None) -> Claim:
-        """Record the verdict on one claim (it heads the section and goes into the report's claims table)."""
+        """Record the verdict on one claim (it heads the section and goes into the report's claims table).
+
+        A held / partly held / not held verdict never rests on the validation split: that split chose the
+        settings, so a verdict read there would judge the choice on the data that made it.
+        """
+        if split == "validation" and verdict in VERDICTS[:3]:
+            raise ValueError(f"a verdict ({verdict!r}) cannot rest on the validation split, which chose the settings; "
+                             "read it on the test split")
         c = Claim(note, url, claim, verdict, figure, split, [int(s) for s in seeds], self.section.name, beyond,
                   command)
         self.section.claims.append(c)

@@ -64,11 +64,17 @@ def claim(ctx: Any, name: str, text: str, verdict: str, figure: str, *, split: s
     """Record a verdict of experiment ``name`` on one claim of its source through ``ctx.claim``.
 
     Smoke mode's sizes only exercise the code: a claim about learning (``split`` other than "none") is then
-    "not measured", whatever its numbers say. A claim left "not measured" without a ``command`` names the
-    run that measures it (quick mode after smoke, full mode otherwise).
+    "not measured", whatever its numbers say. A claim read on the test split with fewer than
+    :data:`~steepest.experiments._protocol.MIN_SEEDS` paired seeds shows a direction, not a verdict: it is "not
+    measured" too. A claim left "not measured" without a ``command`` names the run that measures it (quick mode
+    after smoke, full mode otherwise).
     """
+    from ._protocol import MIN_SEEDS
+
     src = SOURCES[name]
     if ctx.mode == "smoke" and split != "none":
+        verdict, command = "not measured", None
+    elif split == "test" and len(seeds) < MIN_SEEDS and verdict != "not measured":
         verdict, command = "not measured", None
     if verdict == "not measured" and command is None:
         command = f"steepest reproduce --only {name}" if ctx.mode == "smoke" else full_command(name)

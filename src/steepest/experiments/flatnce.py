@@ -8,20 +8,25 @@ Claim of the note: small-batch contrastive learning underperforms because once
 pairs separate, ξ = Σ_{i≠t} e^{s_i − s_t} → 0 and InfoNCE's gradient drowns in
 floating-point error; FlatNCE (gradient of log ξ) fixes it.
 
-Protocol: SimCLR-style pre-training on scikit-learn's 8×8 digits (augmentations
-written in torch: small affine, brightness, noise, cutout), a small conv encoder
-with a projection head, Adam. The frozen encoder output is probed on a held-out
-split with logistic regression (1-shot and 5-shot, averaged over fixed random draws
-of the labelled examples, and all labels). Hyper-parameters are fixed in advance;
-nothing is selected on the test split.
+Protocol (:mod:`steepest.experiments._protocol`): SimCLR-style pre-training on
+scikit-learn's 8×8 digits (augmentations written in torch: small affine, brightness,
+noise, cutout), a small conv encoder with a projection head, Adam. Each replicate has
+its own train/test division and seed; the validation part is shared. The frozen
+encoder output is probed with logistic regression (1-shot and 5-shot, averaged over
+fixed random draws of the labelled examples, and all labels) on the validation part —
+where each loss's temperature and learning rate are chosen, per batch size, from the
+same grid — and on the test part, where the comparison is read, paired by replicate.
+Two budgets: equal epochs (small batches take more steps) and equal steps.
 
 Two explanations compete for a FlatNCE advantage: round-off (the note: InfoNCE's
 positive gradient ξ/(1+ξ) falls below the unit roundoff u and becomes exactly 0)
 and weighting (∇log(1+ξ) = ξ/(1+ξ)·∇log ξ down-weights easy anchors, FlatNCE
-weights all equally). The float32 arm logs the share of anchors with ξ < u₃₂ = 2⁻²⁴;
-a "bf16-loss" arm (float32 network, loss in bf16, u = 2⁻⁸) and a pure-bfloat16 arm
-(weights, activations, Adam state and loss in bf16) put the round-off mechanism
-in reach, so it can be seen whether it changes the comparison.
+weights all equally). With cosine logits s_i ∈ [−1/T, 1/T], log ξ ≥ log(2B − 2) − 2/T
+(:func:`xi_floor`), so round-off can only occur where that floor is below log u
+(:func:`roundoff_reachable`); the float32 arm logs the share of anchors with ξ below
+u₃₂ = 2⁻²⁴, a "bf16-loss" arm (float32 network, loss in bf16, u = 2⁻⁸) and a
+pure-bfloat16 arm put the mechanism in reach at T = 0.1, so it can be seen whether
+it changes the comparison.
 
 Measuring (``_job``: train and probe one run, in a worker with ``--jobs``) returns
 plain :class:`Run` records; ``_report`` and the functions it calls write them.
@@ -43,29 +48,30 @@ from torch import nn
 from ..losses import flat_nce, info_nce, nce_diagnostics, pair_logits
 from ..report import Context, plural
 from . import claim, full_command
-from ._data import digits_split
+from ._data import digits_three_way
+from ._protocol import (MIN_SEEDS, choose, combine, direction_only, fmt_cell, fmt_interval, holm, interval,
+                        n_caption, outcome, protocol_text)
 
 TITLE = "FlatNCE vs InfoNCE at small batch"
 # Small models: one intra-op thread is fastest (measured) and leaves the other core free.
 THREADS = 1
 
-LR = 1e-3
 REP_DIM = 64
 PROJ_DIM = 32
-PROBE_C = 1.0  # fixed a priori; not tuned
-TEST_SIZE = 600
-SPLIT_SEED = 12345
-# What a verdict needs: the full protocol's seeds and epochs (quick mode shows directions only).
-MIN_SEEDS = 3
-MIN_EPOCHS = 50
+PROBE_C = 1.0  # the probe's regularization: fixed a priori, the same for every run
+VAL_SIZE = 300  # images in the (fixed) validation part
+TEST_SIZE = 500  # images in each replicate's test part
+MECH_T = 0.1  # the temperature of the precision arms: where bf16 round-off can occur (see roundoff_reachable)
+LOSSES = ("infonce", "flatnce")
 STORED_FULL_RUN = "docs/results/flatnce-full/report.md"  # in the steepest repository
 
 
 # --------------------------------------------------------------------------- data and augmentation
-def load_split() -> tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray]:
-    """Digits as (N, 1, 8, 8) in [0, 1]; a fixed stratified train/test split."""
-    xtr, ytr, xte, yte = digits_split(TEST_SIZE, SPLIT_SEED, images=True)
-    return xtr, ytr.numpy(), xte, yte.numpy()
+def load_split(seed: int = 0) -> dict[str, Any]:
+    """Replicate ``seed``: digits as (N, 1, 8, 8) in [0, 1]; training, validation (fixed) and test parts."""
+    d = digits_three_way(seed, val=VAL_SIZE, test=TEST_SIZE, images=True)
+    return {"xtr": d["xtr"], "ytr": d["ytr"].numpy(), "xva": d["xva"], "yva": d["yva"].numpy(), "xte": d["xte"],
+            "yte": d["yte"].numpy()}
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -119,6 +125,42 @@ class Net(nn.Module):
         return self.head(self.encoder(x))
 
 
+# --------------------------------------------------------------------------- the round-off bound
+U = {"fp32": 2.0**-24, "bf16": 2.0**-8}  # unit roundoff of the precision the loss is computed in
+
+
+def xi_floor(batch: int, temperature: float) -> float:
+    """The smallest log ξ cosine logits allow: every s_i − s_t ≥ −2/T over the 2B − 2 negatives."""
+    return math.log(2 * batch - 2) - 2.0 / temperature
+
+
+def roundoff_reachable(batch: int, temperature: float, u: float) -> bool:
+    """Can InfoNCE's positive gradient ξ/(1 + ξ) fall below ``u`` at all (log ξ < log(u/(1 − u)))?"""
+    return xi_floor(batch, temperature) < math.log(u / (1 - u))
+
+
+# --------------------------------------------------------------------------- model
+class Net(nn.Module):
+    """Conv encoder (8×8 → 64-d representation) and a 2-layer projection head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, REP_DIM),
+        )
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(REP_DIM, REP_DIM), nn.ReLU(), nn.Linear(REP_DIM, PROJ_DIM))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
 # --------------------------------------------------------------------------- training
 @dataclass
 class Run:
@@ -127,26 +169,34 @@ class Run:
     temperature: float
     seed: int
     precision: str  # "fp32" | "bf16-loss" (fp32 network, loss in bf16) | "bf16" (everything bf16)
+    lr: float = 1e-3
+    budget: int = 0  # optimizer steps this run is given
     steps: int = 0
     seconds: float = 0.0
-    probe: dict[str, float] = field(default_factory=dict)
+    probe: dict[str, float] = field(default_factory=dict)  # on the test part
+    probe_val: dict[str, float] = field(default_factory=dict)  # on the validation part
     curve: list[dict[str, float]] = field(default_factory=list)  # per epoch
     nonfinite: bool = False
 
+    @property
+    def key(self) -> tuple[str, int, float, int, str, float, int]:
+        return (self.loss, self.batch, self.temperature, self.seed, self.precision, self.lr, self.budget)
 
-def train(x: torch.Tensor, run: Run, epochs: int, max_steps: int | None = None) -> Net:
+
+def train(x: torch.Tensor, run: Run) -> Net:
+    """Pre-train for ``run.budget`` optimizer steps (whole epochs where the budget is a number of epochs)."""
     torch.manual_seed(run.seed)
     gen = torch.Generator().manual_seed(10_000 + run.seed)
     net = Net()
     dt = torch.bfloat16 if run.precision == "bf16" else torch.float32
     cd = torch.bfloat16 if run.precision in ("bf16", "bf16-loss") else None  # the loss's compute dtype
     net = net.to(dt)
-    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    opt = torch.optim.Adam(net.parameters(), lr=run.lr)
     n = x.shape[0]
     per_epoch = n // run.batch
     stat_every = max(1, per_epoch // 8)
     t0 = time.perf_counter()
-    for _ in range(epochs):
+    while run.steps < run.budget:
         perm = torch.randperm(n, generator=gen)
         rec: list[dict[str, float]] = []
         for k in range(per_epoch):
@@ -171,13 +221,12 @@ def train(x: torch.Tensor, run: Run, epochs: int, max_steps: int | None = None) 
                         "below_fp32": d["share_below_resolution"],
                         "below_bf16": d16["share_below_resolution"],
                         "median_log10_xi": d["log10_xi_quantiles"][0.5],
+                        "min_log_xi_floor": xi_floor(run.batch, run.temperature),
                     }
                 )
-            if max_steps is not None and run.steps >= max_steps:
+            if run.steps >= run.budget:
                 break
         run.curve.append({key: statistics.fmean(r[key] for r in rec) for key in rec[0]})
-        if max_steps is not None and run.steps >= max_steps:
-            break
     run.seconds = time.perf_counter() - t0
     run.nonfinite = not all(torch.isfinite(p).all() for p in net.parameters())
     return net
@@ -198,30 +247,38 @@ def few_shot_draws(y: np.ndarray, shots: int, draws: int, seed: int) -> list[np.
 
 
 def probe(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, yte: np.ndarray, draws: dict[int, list[np.ndarray]]) -> dict[str, float]:
-    """Logistic-regression accuracy (%) on the test split: k-shot averaged over draws, and all labels."""
+    """Logistic-regression accuracy (%) on (``fte``, ``yte``): k-shot averaged over draws, and all labels."""
+    return probe_parts(ftr, ytr, {"test": (fte, yte)}, draws)["test"]
+
+
+def probe_parts(ftr: np.ndarray, ytr: np.ndarray, parts: dict[str, tuple[np.ndarray, np.ndarray]],
+                draws: dict[int, list[np.ndarray]]) -> dict[str, dict[str, float]]:
+    """The probes fitted once on the labelled training examples and scored on each of ``parts``."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1):  # tiny problems: BLAS threads only add contention
-        return _probe(ftr, ytr, fte, yte, draws, LogisticRegression, StandardScaler)
+        return _probe(ftr, ytr, parts, draws, LogisticRegression, StandardScaler)
 
 
-def _probe(ftr, ytr, fte, yte, draws, LogisticRegression, StandardScaler) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    if not (np.isfinite(ftr).all() and np.isfinite(fte).all()):
-        return {**{f"{k}-shot": math.nan for k in draws}, "full": math.nan}
+def _probe(ftr, ytr, parts, draws, LogisticRegression, StandardScaler) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
+    keys = [f"{k}-shot" for k in draws] + ["full"]
+    if not (np.isfinite(ftr).all() and all(np.isfinite(f).all() for f, _ in parts.values())):
+        return {p: {k: math.nan for k in keys} for p in parts}
     sc = StandardScaler().fit(ftr)  # unlabelled train features only
-    a, b = sc.transform(ftr), sc.transform(fte)
-    out = {}
+    a = sc.transform(ftr)
+    b = {p: (sc.transform(f), y) for p, (f, y) in parts.items()}
+    acc: dict[str, dict[str, list[float]]] = {p: {k: [] for k in keys} for p in parts}
     for k, sets in draws.items():
-        accs = []
         for idx in sets:
             clf = LogisticRegression(C=PROBE_C, max_iter=2000).fit(a[idx], ytr[idx])
-            accs.append(100.0 * clf.score(b, yte))
-        out[f"{k}-shot"] = statistics.fmean(accs)
+            for p, (f, y) in b.items():
+                acc[p][f"{k}-shot"].append(100.0 * clf.score(f, y))
     clf = LogisticRegression(C=PROBE_C, max_iter=3000).fit(a, ytr)
-    out["full"] = 100.0 * clf.score(b, yte)
-    return out
+    for p, (f, y) in b.items():
+        acc[p]["full"].append(100.0 * clf.score(f, y))
+    return {p: {k: statistics.fmean(v) for k, v in d.items()} for p, d in acc.items()}
 
 
 # --------------------------------------------------------------------------- report helpers
@@ -230,6 +287,8 @@ ARMS = {
     "bf16-loss": "bfloat16 loss (float32 network; embeddings, logits and the loss in bf16)",
     "bf16": "pure bfloat16 (weights, activations, Adam state and the loss in bf16)",
 }
+_LOSS = {"infonce": "InfoNCE", "flatnce": "FlatNCE"}
+
 
 def _ms(vals: list[float]) -> tuple[float, float]:
     vals = [v for v in vals if not math.isnan(v)]
@@ -252,367 +311,450 @@ def _tail(run: Run, key: str) -> float:
     return statistics.fmean(c[key] for c in run.curve[-k:])
 
 
+def _fmt_gap(gaps: list[float]) -> str:
+    """A paired gap in percentage points with its interval (one value: the value, direction only)."""
+    return fmt_interval(interval(gaps), ".1f", " pp") if gaps else "–"
 
-def run(ctx: Context) -> None:
-    xtr, ytr, xte, yte = load_split()
+
+# --------------------------------------------------------------------------- the plan
+def _config(ctx: Context) -> dict[str, Any]:
     cfg = ctx.pick(
-        smoke=dict(batches=[8], temps=[0.1], seeds=[0], epochs=1, max_steps=6, bf16_loss=[8], bf16=[8], draws=2, n_train=200),
-        quick=dict(batches=[8, 64], temps=[0.1], seeds=[0], epochs=4, max_steps=None, bf16_loss=[8], bf16=[8], draws=10, n_train=None),
-        full=dict(
-            batches=[8, 16, 32, 64, 256], temps=[0.1, 0.5], seeds=[0, 1, 2], epochs=50, max_steps=None,
-            bf16_loss=[8, 16, 32, 64, 256], bf16=[8, 16], draws=20, n_train=None,
-        ),
-    )  # bfloat16 matmul/conv has no fast CPU kernel here (~5-10x slower), hence the small pure-bf16 grid
-    if cfg["n_train"]:
-        xtr, ytr = xtr[: cfg["n_train"]], ytr[: cfg["n_train"]]
-    seeds = [ctx.seed + s for s in cfg["seeds"]]
-    draws = {k: few_shot_draws(ytr, k, cfg["draws"], SPLIT_SEED + k) for k in (1, 5)}
-
-    plan = [
-        Run(loss, b, t, s, "fp32") for b in cfg["batches"] for t in cfg["temps"] for loss in ("infonce", "flatnce") for s in seeds
-    ]
-    for arm in ("bf16-loss", "bf16"):
-        plan += [Run(loss, b, cfg["temps"][0], s, arm) for b in cfg[arm.replace("-", "_")] for s in seeds for loss in ("infonce", "flatnce")]
-    plan.sort(key=lambda r: r.batch)
-
-    ctx.text(
-        "Contrastive pre-training pairs two augmented views of each image; for an anchor with similarity logits "
-        "s_i = cos(z, z_i)/T over the batch (T: the temperature) and its positive t, ξ = Σ_{i≠t} e^{s_i − s_t}. "
-        "InfoNCE is log(1 + ξ); FlatNCE trains with the gradient of log ξ instead. The note's account: as pairs "
-        "separate, ξ → 0 and InfoNCE's gradient on the positive, ξ/(1 + ξ), falls below the unit roundoff u of the "
-        "floating-point format (u₃₂ = 2⁻²⁴ for float32, u_bf16 = 2⁻⁸ for bfloat16) and becomes exactly 0, which "
-        "FlatNCE avoids. Two bfloat16 arms bring that round-off within reach: 'bf16-loss' (float32 network, "
-        "embeddings, logits and loss in bf16) and 'bf16' (everything in bf16)."
-    )
-    ctx.text(
-        f"Digits split: {len(ytr)} training images (unlabelled for pre-training; the labelled pool of the probes), "
-        f"{len(yte)} held-out test images. Adam lr {LR:g}, {cfg['epochs']} epochs (`{ctx.mode}` mode), "
-        f"representation {REP_DIM}-d (encoder output), projection {PROJ_DIM}-d. Probes: logistic regression "
-        f"(C = {PROBE_C:g}, fixed) on standardised frozen features; 1- and 5-shot accuracies are means over "
-        f"{cfg['draws']} fixed draws of the labelled examples (the same draws for every run), 'full' uses all "
-        f"{len(ytr)} labels. Seeds {seeds}. FlatNCE is trained with `flat_nce(..., value=\"info_nce\")`, so the "
-        "logged loss of both arms is the InfoNCE value."
-        + (
-            ""
-            if len(seeds) >= MIN_SEEDS and cfg["epochs"] >= MIN_EPOCHS
-            else f" **`{ctx.mode}` mode trains for {plural(cfg['epochs'], 'epoch')} with {plural(len(seeds), 'seed')}: "
-            "it shows the direction of each comparison, not evidence for a verdict; the verdicts need "
-            f"{MIN_SEEDS} seeds × {MIN_EPOCHS} epochs: `{full_command('flatnce', jobs=True)}` (about an hour on 2 "
-            f"cores). The full run of this grid is kept in `{STORED_FULL_RUN}` of the steepest repository.**"
-        )
-    )
-
-    # references: raw pixels and an untrained encoder
-    ctx.phase("flatnce: probing the references (raw pixels, untrained encoder)")
-    torch.manual_seed(seeds[0])
-    base_pix = probe(xtr.flatten(1).numpy().astype(np.float64), ytr, xte.flatten(1).numpy().astype(np.float64), yte, draws)
-    net0 = Net()
-    base_rand = probe(features(net0, xtr), ytr, features(net0, xte), yte, draws)
-
-    order = sorted(range(len(plan)), key=lambda i: -_cost(plan[i], cfg["epochs"], len(ytr)))  # longest first
-    jobs = [(i, plan[i], cfg["epochs"], cfg["max_steps"], cfg["n_train"], draws) for i in order]
-    for (i, *_), done in ctx.map(_job, jobs, "flatnce runs"):
-        plan[i] = done  # in the plan's order: paired differences zip the seeds of two cells
-        ctx.log(
-            f"{done.precision} {done.loss} B={done.batch} T={done.temperature} seed={done.seed}: {done.probe} "
-            f"steps={done.steps} {done.seconds:.1f}s xi<1e-3={_tail(done, 'xi_lt_1e-3'):.2f}"
-        )
-
-    _report(ctx, plan, base_pix, base_rand, cfg)
+        smoke=dict(batches=[8], temps=[0.1, 0.5], lrs=[1e-3], sel=1, seeds=1, bf16_seeds=1, epochs=1, cap=6,
+                   bf16_loss=[8], bf16=[8], draws=2, n_train=200),
+        quick=dict(batches=[8, 64], temps=[0.1, 0.5], lrs=[1e-3], sel=1, seeds=1, bf16_seeds=1, epochs=4, cap=None,
+                   bf16_loss=[8], bf16=[8], draws=10, n_train=None),
+        full=dict(batches=[8, 16, 32, 64, 256], temps=[0.1, 0.2, 0.5], lrs=[1e-3, 3e-3], sel=2, seeds=5,
+                  bf16_seeds=3, epochs=50, cap=None, bf16_loss=[8, 16], bf16=[8], draws=20, n_train=None),
+    )  # bfloat16 matmul/conv has no fast CPU kernel here (~5-10x slower), hence the small pure-bf16 arm
+    cfg["n"] = cfg["n_train"] or (1797 - VAL_SIZE - TEST_SIZE)
+    ref = 64 if 64 in cfg["batches"] else cfg["batches"][len(cfg["batches"]) // 2]
+    cfg["equal_steps_ref"] = ref
+    cfg["equal_steps"] = cfg["cap"] or cfg["epochs"] * (cfg["n"] // ref)
+    return cfg
 
 
-def _job(job: tuple[int, Run, int, int | None, int | None, dict[int, list[np.ndarray]]]) -> Run:
-    """Train one run and probe it; self-contained (loads the split, seeds itself) so it can run in a worker."""
-    _, r, epochs, max_steps, n_train, draws = job
-    xtr, ytr, xte, yte = load_split()
+def _epochs_budget(cfg: dict[str, Any], batch: int) -> int:
+    """Optimizer steps of the equal-epochs budget at ``batch``."""
+    return cfg["cap"] or cfg["epochs"] * (cfg["n"] // batch)
+
+
+def _job(job: tuple[Run, int | None, int]) -> Run:
+    """Train one run and probe it on validation and test; self-contained (loads its replicate's parts, seeds
+    itself) so it can run in a worker."""
+    r, n_train, n_draws = job
+    d = load_split(r.seed)
+    xtr, ytr = d["xtr"], d["ytr"]
     if n_train:
         xtr, ytr = xtr[:n_train], ytr[:n_train]
-    net = train(xtr, r, epochs, max_steps)
-    r.probe = probe(features(net, xtr), ytr, features(net, xte), yte, draws)
+    draws = {k: few_shot_draws(ytr, k, n_draws, 12_345 + k) for k in (1, 5)}
+    net = train(xtr, r)
+    out = probe_parts(features(net, xtr), ytr, {"val": (features(net, d["xva"]), d["yva"]),
+                                                "test": (features(net, d["xte"]), d["yte"])}, draws)
+    r.probe, r.probe_val = out["test"], out["val"]
     return r
 
 
-def _cost(r: Run, epochs: int, n: int) -> float:
+def _cost(r: Run) -> float:
     """Rough seconds of a run, to start the longest first.
 
     Fitted to per-step times measured on one thread: float32 and bf16-loss about
     5 ms + 0.33 ms per pair (batch 8: 7 ms, 256: 88 ms); pure bf16 about 5.7 ms per
     pair (no fast bf16 CPU kernels).
     """
-    steps = epochs * (n // r.batch)
-    return steps * (0.0057 * r.batch if r.precision == "bf16" else 0.005 + 0.00033 * r.batch)
+    return r.budget * (0.0057 * r.batch if r.precision == "bf16" else 0.005 + 0.00033 * r.batch)
 
 
-def _summary(ctx: Context, plan: list[Run]) -> None:
-    """Facts that separate the two explanations, computed from the runs (no interpretation beyond them)."""
-    lines = []
-    fp32 = [r for r in plan if r.precision == "fp32"]
-    if fp32:
-        worst = max(max(c["below_fp32"] for c in r.curve) for r in fp32)
-        lines.append(
-            f"- float32 arm: the largest share of anchors (per-epoch average over the ~8 batches sampled per epoch) "
-            f"whose InfoNCE positive gradient is below float32 resolution (ξ < 2⁻²⁴) is {worst:.3g}"
-            + (
-                "; round-off therefore cannot have silenced InfoNCE's gradient there, and a FlatNCE advantage in "
-                "float32 has to come from weighting every anchor equally (∇log ξ vs ξ/(1+ξ)·∇log ξ)."
-                if worst == 0
-                else "."
-            )
-        )
-    for arm in ("bf16-loss", "bf16"):
-        rs = [r for r in plan if r.precision == arm and r.loss == "infonce"]
-        if rs:
-            share = statistics.fmean(_tail(r, "below_bf16") for r in rs)
-            lines.append(
-                f"- {arm} arm, InfoNCE runs: on average {share:.3g} of the anchors (last 20 % of epochs) had "
-                "ξ < u_bf16 = 2⁻⁸, where the bf16 cross-entropy gradient on the positive is exactly 0; FlatNCE's is −1 "
-                "for every anchor in any precision."
-            )
-    gaps = _gaps_by_arm(plan)
-    if gaps is not None:
-        (b, t), per_arm = gaps
-        lines.append(
-            f"- FlatNCE − InfoNCE at batch {b}, T = {t} (1-shot, paired over seeds): "
-            + ", ".join(f"{arm} {_fmt(d)}" for arm, d in per_arm.items())
-            + ". Round-off as the cause predicts a gap that grows as the precision drops (bf16 gradients on "
-            "the positive vanish at ξ < 2⁻⁸, float32 ones only at ξ < 2⁻²⁴); weighting predicts the same gap in "
-            "every arm."
-        )
-    if lines:
-        ctx.text("**Separating the explanations.**\n\n" + "\n".join(lines))
+class _Runs:
+    """The runs of this section, each trained once (keyed by its settings), spread by ``ctx.map``."""
+
+    def __init__(self, ctx: Context, cfg: dict[str, Any]) -> None:
+        self.ctx, self.cfg = ctx, cfg
+        self.done: dict[tuple, Run] = {}
+
+    def run(self, plan: list[Run], description: str) -> None:
+        todo = list({r.key: r for r in plan if r.key not in self.done}.values())
+        todo.sort(key=lambda r: -_cost(r))  # longest first
+        jobs = [(r, self.cfg["n_train"], self.cfg["draws"]) for r in todo]
+        for _, done in self.ctx.map(_job, jobs, description):
+            self.done[done.key] = done
+            self.ctx.log(f"{done.precision} {done.loss} B={done.batch} T={done.temperature} lr={done.lr} "
+                         f"seed={done.seed} steps={done.steps}: val {done.probe_val} test {done.probe}")
+
+    def get(self, loss: str, batch: int, t: float, lr: float, seeds: list[int], precision: str = "fp32",
+            budget: int = 0) -> list[Run]:
+        return [self.done[(loss, batch, t, s, precision, lr, budget)] for s in seeds]
 
 
-def advantage_verdict(gaps_by_t: dict[float, list[float]], measured: bool) -> str:
-    """FlatNCE beats InfoNCE at small batch? From the paired 1-shot gaps FlatNCE − InfoNCE per temperature.
+def _val_score(runs: list[Run]) -> float:
+    """Mean validation 1-shot accuracy over the runs; −inf when one diverged (never chosen)."""
+    vals = [r.probe_val.get("1-shot", math.nan) for r in runs]
+    return statistics.fmean(vals) if vals and all(math.isfinite(v) for v in vals) and not any(
+        r.nonfinite for r in runs) else -math.inf
 
-    Per temperature: held when every seed's gap is positive, not held when the mean gap is ≤ 0, partly held
-    otherwise; overall held (not held) when every temperature is, else partly held. ``measured=False``
-    (fewer seeds or epochs than the full protocol) gives "not measured".
-    """
-    if not measured or not gaps_by_t or not all(gaps_by_t.values()):
+
+def _measure(ctx: Context, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Selection on validation, then the evaluation runs; returns the choices and the runs they rest on."""
+    seeds = [ctx.seed + s for s in range(cfg["seeds"])]
+    sel_seeds = seeds[: cfg["sel"]]
+    runs = _Runs(ctx, cfg)
+    grid = [(t, lr) for t in cfg["temps"] for lr in cfg["lrs"]]
+    runs.run([Run(loss, b, t, s, "fp32", lr, _epochs_budget(cfg, b)) for b in cfg["batches"] for loss in LOSSES
+              for t, lr in grid for s in sel_seeds], "flatnce: temperature × lr grid (validation)")
+    scores = {(loss, b): {(t, lr): _val_score(runs.get(loss, b, t, lr, sel_seeds, budget=_epochs_budget(cfg, b)))
+                          for t, lr in grid} for loss in LOSSES for b in cfg["batches"]}
+    chosen = {k: choose(sc, higher=True) for k, sc in scores.items()}
+    # the precision arms run at T = MECH_T, each loss at its lr chosen for that temperature
+    mech_lr = {k: choose({lr: sc[(MECH_T, lr)] for lr in cfg["lrs"]}, higher=True) for k, sc in scores.items()}
+    plan = []
+    for (loss, b), (t, lr) in chosen.items():
+        plan += [Run(loss, b, t, s, "fp32", lr, _epochs_budget(cfg, b)) for s in seeds]
+        plan += [Run(loss, b, t, s, "fp32", lr, cfg["equal_steps"]) for s in seeds]
+    mech_batches = sorted(set(cfg["bf16_loss"]) | set(cfg["bf16"]))
+    bf16_seeds = seeds[: cfg["bf16_seeds"]]
+    for loss in LOSSES:
+        for b in mech_batches:
+            lr = mech_lr[(loss, b)]
+            plan += [Run(loss, b, MECH_T, s, "fp32", lr, _epochs_budget(cfg, b)) for s in seeds]
+            if b in cfg["bf16_loss"]:
+                plan += [Run(loss, b, MECH_T, s, "bf16-loss", lr, _epochs_budget(cfg, b)) for s in seeds]
+            if b in cfg["bf16"]:
+                plan += [Run(loss, b, MECH_T, s, "bf16", lr, _epochs_budget(cfg, b)) for s in bf16_seeds]
+    runs.run(plan, "flatnce: evaluation runs (chosen settings, equal steps, precision arms)")
+    return {"runs": runs, "seeds": seeds, "sel_seeds": sel_seeds, "bf16_seeds": bf16_seeds, "scores": scores,
+            "chosen": chosen, "mech_lr": mech_lr, "mech_batches": mech_batches, "grid": grid}
+
+
+def _arm(m: dict[str, Any], cfg: dict[str, Any], loss: str, b: int, budget: str) -> list[Run]:
+    """The evaluation runs of ``loss`` at batch ``b`` at its chosen settings, for the "epochs" or "steps" budget."""
+    t, lr = m["chosen"][(loss, b)]
+    steps = _epochs_budget(cfg, b) if budget == "epochs" else cfg["equal_steps"]
+    return m["runs"].get(loss, b, t, lr, m["seeds"], budget=steps)
+
+
+def _mech(m: dict[str, Any], cfg: dict[str, Any], loss: str, b: int, precision: str) -> list[Run]:
+    seeds = m["bf16_seeds"] if precision == "bf16" else m["seeds"]
+    return m["runs"].get(loss, b, MECH_T, m["mech_lr"][(loss, b)], seeds, precision, _epochs_budget(cfg, b))
+
+
+def _gap(f: list[Run], i: list[Run], key: str = "1-shot") -> list[float]:
+    """Paired FlatNCE − InfoNCE probe accuracy (pp) on the test part, replicate by replicate."""
+    return [a.probe[key] - c.probe[key] for a, c in zip(f, i)]
+
+
+# --------------------------------------------------------------------------- verdicts
+def advantage_verdict(gaps: list[float]) -> str:
+    """FlatNCE beats InfoNCE at small batch? From the paired test gaps FlatNCE − InfoNCE (pp), each loss at its
+    own settings chosen on validation: held when the whole 95 % interval lies above 0, partly held when the mean
+    does, not held otherwise; fewer than MIN_SEEDS replicates: not measured."""
+    return outcome(interval(gaps), above=0.0)
+
+
+def roundoff_verdict(growth: dict[str, list[float]], fp32_share: float | None) -> str:
+    """Is round-off why FlatNCE wins? Round-off as the cause predicts (a) a gap FlatNCE − InfoNCE that grows as
+    the precision drops — per bf16 arm, the paired growth gap(arm) − gap(float32) above 0 (interval outcome) —
+    and (b) float32 InfoNCE anchors below float32 resolution where the bound lets them occur (``fp32_share``:
+    their largest share; None where the bound rules them out, which then is no evidence either way).
+    Combined (:func:`combine`): held when every part holds, not held when none does, else partly held."""
+    parts = [outcome(interval(g), above=0.0) for g in growth.values() if g]
+    if not parts:
         return "not measured"
-    per_t = []
-    for gaps in gaps_by_t.values():
-        if all(g > 0 for g in gaps):
-            per_t.append("held")
-        elif statistics.fmean(gaps) <= 0:
-            per_t.append("not held")
-        else:
-            per_t.append("partly held")
-    return per_t[0] if len(set(per_t)) == 1 else "partly held"
+    if fp32_share is not None and "not measured" not in parts:
+        parts.append("held" if fp32_share > 0 else "not held")
+    return combine(parts)
 
 
-def roundoff_verdict(share_below_fp32: float, gaps: dict[str, list[float]], measured: bool) -> str:
-    """Is round-off why FlatNCE wins? From the float32 InfoNCE runs' largest share of anchors with ξ < u₃₂
-    and the paired gaps per precision arm at one (batch, T).
-
-    Round-off as the cause predicts (a) anchors below float32 resolution in float32 training and (b) a gap that
-    grows as the precision drops: every bf16 arm's mean gap above the float32 one by more than the float32
-    gaps' seed spread. held: both; not held: neither; partly held: one of them. ``measured=False`` (or no
-    bf16 arm to compare) gives "not measured".
-    """
-    fp32 = gaps.get("fp32", [])
-    lower = [g for arm, g in gaps.items() if arm != "fp32" and g]
-    if not measured or not fp32 or not lower:
-        return "not measured"
-    spread = statistics.stdev(fp32) if len(fp32) > 1 else 0.0
-    grows = all(statistics.fmean(g) > statistics.fmean(fp32) + spread for g in lower)
-    below = share_below_fp32 > 0
-    if below and grows:
-        return "held"
-    return "partly held" if below or grows else "not held"
-
-
-def _claims(ctx: Context, plan: list[Run], cfg: dict) -> None:
-    """The verdicts on the note's two claims (advantage at small batch; round-off as its cause)."""
-    seeds = sorted({r.seed for r in plan})
-    measured = len(seeds) >= MIN_SEEDS and cfg["epochs"] >= MIN_EPOCHS
-    fp32 = _cells(plan, "fp32")
-    b0 = min(b for b, _, _ in fp32)
-    by_t = {t: [f.probe["1-shot"] - i.probe["1-shot"] for f, i in zip(fp32.get((b0, t, "flatnce"), []),
-                                                                     fp32.get((b0, t, "infonce"), []))]
-            for t in sorted({t for b, t, _ in fp32 if b == b0})}
-    size = f"{plural(len(seeds), 'seed')} × {plural(cfg['epochs'], 'epoch')}"
-    figure = "; ".join(f"T = {t:g}: {_fmt_gap(g)}" for t, g in by_t.items())
-    v = advantage_verdict(by_t, measured)
+def _claims(ctx: Context, m: dict[str, Any], cfg: dict[str, Any]) -> None:
+    b0 = min(cfg["batches"])
+    seeds = m["seeds"]
+    cmd = full_command("flatnce", jobs=True)
+    f, i = _arm(m, cfg, "flatnce", b0, "epochs"), _arm(m, cfg, "infonce", b0, "epochs")
+    gaps = _gap(f, i)
+    steps_gap = _gap(_arm(m, cfg, "flatnce", b0, "steps"), _arm(m, cfg, "infonce", b0, "steps"))
+    mech_gap = _gap(_mech(m, cfg, "flatnce", b0, "fp32"), _mech(m, cfg, "infonce", b0, "fp32"))
+    (tf, lf), (ti, li) = m["chosen"][("flatnce", b0)], m["chosen"][("infonce", b0)]
+    few = len(seeds) < MIN_SEEDS
     claim(ctx, "flatnce", f"At small batch (batch {b0}), FlatNCE pre-training gives better representations than "
-          "InfoNCE (1-shot linear probe on held-out test images)", v,
-          f"FlatNCE − InfoNCE at batch {b0}, 1-shot, {size}: {figure}" + ("" if measured else " (direction only)"),
-          split="test", seeds=seeds, command=None if measured else full_command("flatnce", jobs=True))
-    share = max((max(c["below_fp32"] for c in r.curve) for r in plan if r.precision == "fp32" and r.loss == "infonce"),
-                default=math.nan)
-    gaps = _gaps_by_arm(plan)
-    arms = "; gap per precision arm at batch {}, T = {:g}: ".format(*gaps[0]) + ", ".join(
-        f"{a} {_fmt_gap(g)}" for a, g in gaps[1].items()) if gaps else ""
-    v = roundoff_verdict(share, gaps[1] if gaps else {}, measured)
+          "InfoNCE, each loss at its own temperature and learning rate chosen on validation (1-shot linear probe "
+          "on held-out test images, equal epochs)", advantage_verdict(gaps),
+          f"FlatNCE (T = {tf:g}, lr {lf:g}) − InfoNCE (T = {ti:g}, lr {li:g}) at batch {b0}, 1-shot: "
+          f"{_fmt_gap(gaps)}; equal steps ({cfg['equal_steps']} steps): {_fmt_gap(steps_gap)}; both at T = "
+          f"{MECH_T:g}: {_fmt_gap(mech_gap)}" + (f" ({plural(cfg['epochs'], 'epoch')}: direction only)" if few else ""),
+          split="test", seeds=seeds, command=cmd if few else None)
+
+    growth, arms_txt = {}, []
+    base = _mech(m, cfg, "flatnce", b0, "fp32"), _mech(m, cfg, "infonce", b0, "fp32")
+    g32 = _gap(*base)
+    for arm in ("bf16-loss", "bf16"):
+        if b0 not in cfg[arm.replace("-", "_")]:
+            continue
+        g = _gap(_mech(m, cfg, "flatnce", b0, arm), _mech(m, cfg, "infonce", b0, arm))
+        growth[arm] = [a - b for a, b in zip(g, g32)]
+        arms_txt.append(f"{arm} − float32 {_fmt_gap(growth[arm])}")
+    reach = roundoff_reachable(b0, MECH_T, U["fp32"])
+    share = max(max(c["below_fp32"] for c in r.curve) for r in base[1]) if reach else None
+    fl = xi_floor(b0, MECH_T)
+    bound = (f"log ξ ≥ log(2B − 2) − 2/T = {fl:.2f} at batch {b0}, T = {MECH_T:g}, against log u = "
+             f"{math.log(U['fp32']):.2f} (float32) and {math.log(U['bf16']):.2f} (bfloat16)")
+    at_chosen = (f"at InfoNCE's chosen T = {ti:g}, round-off is "
+                 + ("possible" if roundoff_reachable(b0, ti, U["fp32"]) else "impossible") + " in float32 and "
+                 + ("possible" if roundoff_reachable(b0, ti, U["bf16"]) else "impossible") + " in bfloat16")
     claim(ctx, "flatnce", "InfoNCE falls behind because its gradient is lost to floating-point round-off "
-          "(ξ/(1 + ξ) below the unit roundoff u) once ξ → 0", v,
-          f"largest share of float32 InfoNCE anchors (training batches) with ξ < u₃₂: {share:.3g}{arms}"
-          + ("" if measured else f" ({size}: direction only)"),
-          split="test", seeds=seeds, command=None if measured else full_command("flatnce", jobs=True))
+          "(ξ/(1 + ξ) below the unit roundoff u) once ξ → 0", roundoff_verdict(growth, share),
+          f"bound {bound}; {at_chosen}; largest share of float32 InfoNCE anchors with ξ < u₃₂ (batch {b0}, "
+          f"T = {MECH_T:g}): " + (f"{share:.3g}" if share is not None else "unreachable by the bound")
+          + "; growth of the 1-shot gap FlatNCE − InfoNCE as the precision drops (paired): "
+          + ("; ".join(arms_txt) or "no bf16 arm") + (" (direction only)" if few else ""),
+          split="test", seeds=seeds, command=cmd if few else None)
 
 
-def _fmt_gap(gaps: list[float]) -> str:
-    """A paired gap in percentage points: mean ± std (signed), or the one value."""
-    if not gaps:
-        return "–"
-    m = statistics.fmean(gaps)
-    m = 0.0 if round(m, 1) == 0 else m  # no "-0.0"
-    if len(gaps) == 1:
-        return f"{m:+.1f} pp"
-    return f"{m:+.1f} ± {statistics.stdev(gaps):.1f} pp ({sum(g > 0 for g in gaps)}/{len(gaps)} seeds > 0)"
-
-
-def _gaps_by_arm(plan: list[Run]) -> tuple[tuple[int, float], dict[str, list[float]]] | None:
-    """Paired 1-shot differences FlatNCE − InfoNCE per precision arm at the smallest batch all arms ran."""
-    arms = [a for a in ARMS if any(r.precision == a for r in plan)]
-    if len(arms) < 2:
-        return None
-    t = min(r.temperature for r in plan if r.precision == arms[-1])
-    common = set.intersection(*({r.batch for r in plan if r.precision == a and r.temperature == t} for a in arms))
-    if not common:
-        return None
-    b = min(common)
-    out = {}
-    for a in arms:
-        cells = _cells(plan, a)
-        f, i = cells.get((b, t, "flatnce"), []), cells.get((b, t, "infonce"), [])
-        out[a] = [x.probe["1-shot"] - y.probe["1-shot"] for x, y in zip(f, i)]
-    return (b, t), out
-
-
-def _cells(plan: list[Run], precision: str) -> dict[tuple[int, float, str], list[Run]]:
-    cells: dict[tuple[int, float, str], list[Run]] = {}
-    for r in plan:
-        if r.precision == precision:
-            cells.setdefault((r.batch, r.temperature, r.loss), []).append(r)
-    return cells
-
-
-def _report(ctx: Context, plan: list[Run], base_pix: dict, base_rand: dict, cfg: dict) -> None:
-    ctx.table(
-        ["reference", "1-shot", "5-shot", "full"],
-        [
-            ["raw pixels", base_pix["1-shot"], base_pix["5-shot"], base_pix["full"]],
-            ["untrained encoder", base_rand["1-shot"], base_rand["5-shot"], base_rand["full"]],
-        ],
-        caption="Probe accuracy (%) of the references on the held-out split.",
-        floatfmt=".1f",
-    )
-    for precision in ARMS:
-        cells = _cells(plan, precision)
-        if cells:
-            _report_cells(ctx, precision, cells)
-    _report_differences(ctx, plan)
-    _summary(ctx, plan)
-    _claims(ctx, plan, cfg)
-    _plot_probe_vs_batch(ctx, plan, {"raw pixels": base_pix, "untrained encoder": base_rand})
-    _plot_xi(ctx, plan)
-    ctx.result("references", {"raw_pixels": base_pix, "untrained_encoder": base_rand})
+# --------------------------------------------------------------------------- report
+def _report(ctx: Context, m: dict[str, Any], refs: dict[str, dict[str, float]], cfg: dict[str, Any]) -> None:
+    ctx.table(["reference (first replicate)", "1-shot", "5-shot", "full"],
+              [[name, r["1-shot"], r["5-shot"], r["full"]] for name, r in refs.items()],
+              caption="Probe accuracy (%) of the references on the test part.", floatfmt=".1f")
+    _report_selection(ctx, m, cfg)
+    _report_cells(ctx, m, cfg)
+    _report_differences(ctx, m, cfg)
+    _report_bound(ctx, m, cfg)
+    _summary(ctx, m, cfg)
+    _claims(ctx, m, cfg)
+    _plot_probe_vs_batch(ctx, m, cfg, refs)
+    _plot_xi(ctx, m, cfg)
+    ctx.result("references", refs)
     ctx.result("epochs", cfg["epochs"])
-    ctx.result("runs", [{"loss": r.loss, "batch": r.batch, "T": r.temperature, "seed": r.seed, "precision": r.precision,
-                         "steps": r.steps, "seconds": r.seconds, **r.probe} for r in plan])
+    ctx.result("equal_steps", cfg["equal_steps"])
+    ctx.result("chosen", [{"loss": loss, "batch": b, "T": t, "lr": lr, "mech_lr": m["mech_lr"][(loss, b)]}
+                          for (loss, b), (t, lr) in m["chosen"].items()])
+    ctx.result("selection_val_1shot", [{"loss": loss, "batch": b, "T": t, "lr": lr, "val_1shot": v}
+                                       for (loss, b), sc in m["scores"].items() for (t, lr), v in sc.items()])
+    ctx.result("runs", [{"loss": r.loss, "batch": r.batch, "T": r.temperature, "lr": r.lr, "seed": r.seed,
+                         "precision": r.precision, "budget": r.budget, "steps": r.steps, "seconds": r.seconds,
+                         **r.probe, "val": r.probe_val} for r in sorted(m["runs"].done.values(), key=lambda r: r.key)])
 
 
-def _report_cells(ctx: Context, precision: str, cells: dict[tuple[int, float, str], list[Run]]) -> None:
-    """One precision arm: probe accuracy and the ξ statistics per (batch, T, loss), table and results."""
-    mean_tail = lambda rs, key: statistics.fmean(_tail(r, key) for r in rs)  # noqa: E731
-    n_seeds = len(next(iter(cells.values())))
+def _report_selection(ctx: Context, m: dict[str, Any], cfg: dict[str, Any]) -> None:
     rows = []
-    for (b, t, loss), rs in sorted(cells.items()):
-        rows.append([b, t, loss, _fmt([r.probe["1-shot"] for r in rs]), _fmt([r.probe["5-shot"] for r in rs]),
-                     _fmt([r.probe["full"] for r in rs]), rs[0].steps, mean_tail(rs, "info_nce"),
-                     mean_tail(rs, "xi_lt_1e-3"), mean_tail(rs, "below_fp32"), mean_tail(rs, "below_bf16"),
-                     mean_tail(rs, "median_log10_xi"), sum(r.nonfinite for r in rs)])
-    ctx.table(
-        ["batch", "T", "loss", "1-shot %", "5-shot %", "full %", "steps", "InfoNCE (end)", "ξ<1e-3", "ξ<u₃₂",
-         "ξ<u_bf16", "median log₁₀ξ", "diverged runs"],
-        rows,
-        caption=(
-            f"**{ARMS[precision]}** — probe accuracy on the test split, "
-            + (f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed")
-            + "; steps = optimizer steps; the last five columns are training-batch statistics averaged over the "
-            "last 20 % of epochs: the InfoNCE value, the share of anchors with ξ < 1e-3, with ξ below the float32 / "
-            "bfloat16 unit roundoff (where cross-entropy's gradient on the positive is exactly 0 in that "
-            "precision), and the median of log₁₀ ξ; diverged runs: runs whose weights became non-finite."
-        ),
-        floatfmt=".3g",
-    )
-    ctx.result(
-        f"cells_{precision}",
-        [
-            {
-                "batch": b,
-                "temperature": t,
-                "loss": loss,
-                "steps": rs[0].steps,
-                **{f"{k}_mean": _ms([r.probe[k] for r in rs])[0] for k in ("1-shot", "5-shot", "full")},
-                **{f"{k}_std": _ms([r.probe[k] for r in rs])[1] for k in ("1-shot", "5-shot", "full")},
-                "share_xi_lt_1e-3": mean_tail(rs, "xi_lt_1e-3"),
-                "share_below_fp32": mean_tail(rs, "below_fp32"),
-                "share_below_bf16": mean_tail(rs, "below_bf16"),
-                "info_nce_end": mean_tail(rs, "info_nce"),
-                "seeds": [r.seed for r in rs],
-                "per_seed_1shot": [r.probe["1-shot"] for r in rs],
-            }
-            for (b, t, loss), rs in sorted(cells.items())
-        ],
-    )
+    for (loss, b), sc in m["scores"].items():
+        rows.append([b, _LOSS[loss], *[("diverged" if not math.isfinite(v) else f"{v:.1f}")
+                                       + (" ←" if (t, lr) == m["chosen"][(loss, b)] else "")
+                                       for (t, lr), v in sc.items()]])
+    rows.sort(key=lambda r: (r[0], r[1]))
+    ctx.table(["batch", "loss", *[f"T = {t:g}, lr {lr:g}" for t, lr in m["grid"]]], rows,
+              caption=f"Choosing each loss's temperature and learning rate per batch size on the validation part: "
+                      f"1-shot probe accuracy (%), mean over {plural(len(m['sel_seeds']), 'replicate')} "
+                      f"({plural(cfg['epochs'], 'epoch')}; ← chosen). Both losses get the same "
+                      f"{plural(len(m['grid']), 'candidate')}.")
 
 
-def _report_differences(ctx: Context, plan: list[Run]) -> None:
-    """Paired differences FlatNCE − InfoNCE (same seeds, same probe draws) per arm, batch and temperature."""
+def _cell_row(b: int, budget: str, loss: str, rs: list[Run], label: str) -> list[Any]:
+    mean_tail = lambda key: statistics.fmean(_tail(r, key) for r in rs)  # noqa: E731
+    reach32 = roundoff_reachable(b, rs[0].temperature, U["fp32"])
+    reach16 = roundoff_reachable(b, rs[0].temperature, U["bf16"])
+    return [b, label, _LOSS[loss], rs[0].temperature, rs[0].lr, rs[0].steps,
+            fmt_cell([r.probe["1-shot"] for r in rs], ".1f"), fmt_cell([r.probe["5-shot"] for r in rs], ".1f"),
+            fmt_cell([r.probe["full"] for r in rs], ".1f"), f"{mean_tail('info_nce'):.3g}",
+            f"{mean_tail('xi_lt_1e-3'):.3g}",
+            f"{mean_tail('below_fp32'):.3g}" if reach32 else "0 (unreachable)",
+            f"{mean_tail('below_bf16'):.3g}" if reach16 else "0 (unreachable)",
+            f"{mean_tail('median_log10_xi'):.3g}", sum(r.nonfinite for r in rs)]
+
+
+CELL_HEAD = ["batch", "arm", "loss", "T", "lr", "steps", "1-shot %", "5-shot %", "full %", "InfoNCE (end)", "ξ<1e-3",
+             "ξ<u₃₂", "ξ<u_bf16", "median log₁₀ξ", "diverged runs"]
+
+
+def _report_cells(ctx: Context, m: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """The chosen settings (both budgets) and the precision arms: probe accuracy and ξ statistics."""
+    n = len(m["seeds"])
+    rows, res = [], []
+    for b in cfg["batches"]:
+        for budget, label in (("epochs", "equal epochs"), ("steps", "equal steps")):
+            for loss in LOSSES:
+                rs = _arm(m, cfg, loss, b, budget)
+                rows.append(_cell_row(b, budget, loss, rs, label))
+                res.append(_cell_record(b, loss, rs, budget))
+    ctx.table(CELL_HEAD, rows, caption=(
+        f"**float32, each loss at its chosen settings** — probe accuracy on the test part, {n_caption(n, 'replicate')}; "
+        f"equal epochs: {plural(cfg['epochs'], 'epoch')} at every batch; equal steps: {cfg['equal_steps']} optimizer "
+        f"steps at every batch (the steps batch {cfg['equal_steps_ref']} takes in the equal-epochs budget). The "
+        "last columns are training-batch statistics averaged over the last 20 % of epochs: the InfoNCE value, the "
+        "share of anchors with ξ < 1e-3, with ξ below the float32 / bfloat16 unit roundoff (where cross-entropy's "
+        "gradient on the positive is exactly 0 in that precision; 'unreachable': the bound log ξ ≥ log(2B − 2) − 2/T "
+        "rules it out, so the 0 is no finding) and the median of log₁₀ ξ."), floatfmt=".3g")
+    ctx.result("cells_fp32", [r for r in res if r["budget"] == "epochs"])
+    ctx.result("cells_fp32_equal_steps", [r for r in res if r["budget"] == "steps"])
     rows = []
-    for precision in ARMS:
-        cells = _cells(plan, precision)
-        for b, t in sorted({(b, t) for b, t, _ in cells}):
-            f, i = cells.get((b, t, "flatnce"), []), cells.get((b, t, "infonce"), [])
-            if not f or not i:
+    for arm in ARMS:
+        recs = []
+        for b in m["mech_batches"]:
+            if arm != "fp32" and b not in cfg[arm.replace("-", "_")]:
                 continue
-            d1 = [a.probe["1-shot"] - c.probe["1-shot"] for a, c in zip(f, i)]
-            d5 = [a.probe["5-shot"] - c.probe["5-shot"] for a, c in zip(f, i)]
-            rows.append([precision, b, t, _fmt(d1), _fmt(d5), f"{sum(x > 0 for x in d1)}/{len(d1)}"])
-    ctx.table(
-        ["precision", "batch", "T", "Δ 1-shot (Flat − Info)", "Δ 5-shot", "seeds Flat better (1-shot)"],
-        rows,
-        caption="Paired differences FlatNCE − InfoNCE (percentage points), same seed and probe draws.",
-    )
+            for loss in LOSSES:
+                rs = _mech(m, cfg, loss, b, arm)
+                rows.append(_cell_row(b, arm, loss, rs, f"{arm}, T = {MECH_T:g}"))
+                recs.append(_cell_record(b, loss, rs, "epochs"))
+        if arm != "fp32":
+            ctx.result(f"cells_{arm}", recs)
+    ctx.table(CELL_HEAD, rows, caption=(
+        f"**Precision arms** at T = {MECH_T:g} (where bfloat16 round-off is reachable), equal epochs, each loss at "
+        f"its lr chosen on validation for this temperature: {ARMS['bf16-loss']}; {ARMS['bf16']}. "
+        f"{n_caption(len(m['seeds']), 'replicate').capitalize()} (pure bf16: "
+        f"{plural(len(m['bf16_seeds']), 'replicate')}, its runs are ~10× slower on CPU); ξ shares per batch size, "
+        "not averaged over batches."), floatfmt=".3g")
 
 
-def _plot_probe_vs_batch(ctx: Context, plan: list[Run], refs: dict[str, dict[str, float]]) -> None:
+def _cell_record(b: int, loss: str, rs: list[Run], budget: str) -> dict[str, Any]:
+    return {
+        "batch": b, "temperature": rs[0].temperature, "lr": rs[0].lr, "loss": loss, "budget": budget,
+        "steps": rs[0].steps,
+        **{f"{k}_mean": _ms([r.probe[k] for r in rs])[0] for k in ("1-shot", "5-shot", "full")},
+        **{f"{k}_std": _ms([r.probe[k] for r in rs])[1] for k in ("1-shot", "5-shot", "full")},
+        "share_xi_lt_1e-3": statistics.fmean(_tail(r, "xi_lt_1e-3") for r in rs),
+        "share_below_fp32": statistics.fmean(_tail(r, "below_fp32") for r in rs),
+        "share_below_bf16": statistics.fmean(_tail(r, "below_bf16") for r in rs),
+        "fp32_reachable": roundoff_reachable(b, rs[0].temperature, U["fp32"]),
+        "bf16_reachable": roundoff_reachable(b, rs[0].temperature, U["bf16"]),
+        "info_nce_end": statistics.fmean(_tail(r, "info_nce") for r in rs),
+        "seeds": [r.seed for r in rs], "per_seed_1shot": [r.probe["1-shot"] for r in rs],
+    }
+
+
+def _differences(m: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every paired FlatNCE − InfoNCE comparison the report shows, with p-values and Holm's adjustment."""
+    out: list[dict[str, Any]] = []
+    seen: dict[tuple, str] = {}
+
+    def add(label: str, b: int, f: list[Run], i: list[Run]) -> None:
+        key = tuple(r.key for r in f + i)
+        if key in seen:  # the same runs as a row above (e.g. equal steps = equal epochs at the reference batch)
+            return
+        seen[key] = label
+        out.append({"arm": label, "batch": b, "d1": _gap(f, i), "d5": _gap(f, i, "5-shot")})
+
+    for budget, label in (("epochs", "equal epochs, own settings"), ("steps", "equal steps, own settings")):
+        for b in cfg["batches"]:
+            add(label, b, _arm(m, cfg, "flatnce", b, budget), _arm(m, cfg, "infonce", b, budget))
+    for arm in ARMS:
+        for b in m["mech_batches"]:
+            if arm != "fp32" and b not in cfg[arm.replace("-", "_")]:
+                continue
+            add(f"{arm}, T = {MECH_T:g}", b, _mech(m, cfg, "flatnce", b, arm), _mech(m, cfg, "infonce", b, arm))
+    adj = holm([interval(d["d1"]).p for d in out])
+    for d, a in zip(out, adj):
+        d["p"], d["p_holm"] = interval(d["d1"]).p, a
+    return out
+
+
+def _report_differences(ctx: Context, m: dict[str, Any], cfg: dict[str, Any]) -> None:
+    diffs = _differences(m, cfg)
+    rows = [[d["arm"], d["batch"], _fmt_gap(d["d1"]), "–" if math.isnan(d["p_holm"]) else f"{d['p_holm']:.2g}",
+             _fmt_gap(d["d5"])] for d in diffs]
+    n_sig = sum(d["p"] < 0.05 for d in diffs if not math.isnan(d["p"]))
+    n_adj = sum(d["p_holm"] < 0.05 for d in diffs if not math.isnan(d["p_holm"]))
+    ctx.table(["comparison", "batch", "Δ 1-shot (FlatNCE − InfoNCE, test)", "p, Holm-adjusted", "Δ 5-shot"], rows,
+              caption=f"Paired differences FlatNCE − InfoNCE (percentage points, test part), replicate by replicate. "
+                      f"{n_sig} of {len(diffs)} comparisons have p < 0.05 on their own, {n_adj} after Holm's "
+                      "adjustment for the number of comparisons in this table (a comparison that would repeat the "
+                      "runs of a row above is listed once). Only the first row is the claim's pre-specified test.")
+    ctx.result("differences", [{"arm": d["arm"], "batch": d["batch"], "delta_1shot": interval(d["d1"]).record(),
+                                "p_holm": d["p_holm"], "delta_5shot": interval(d["d5"]).record()} for d in diffs])
+
+
+def _report_bound(ctx: Context, m: dict[str, Any], cfg: dict[str, Any]) -> None:
+    temps = sorted(set(cfg["temps"]) | {MECH_T})
+    rows = []
+    for b in cfg["batches"]:
+        rows.append([b, *[f"{xi_floor(b, t):.2f}: " + ", ".join(
+            p for p in ("fp32", "bf16") if roundoff_reachable(b, t, U[p])) if any(
+            roundoff_reachable(b, t, U[p]) for p in U) else f"{xi_floor(b, t):.2f}: neither" for t in temps]])
+    ctx.table(["batch", *[f"T = {t:g}" for t in temps]], rows, caption=(
+        "**Where round-off can happen at all.** With cosine logits every s_i − s_t ≥ −2/T, so log ξ ≥ "
+        "log(2B − 2) − 2/T (the number shown); InfoNCE's positive gradient ξ/(1 + ξ) is lost to round-off only "
+        f"where log ξ < log(u/(1 − u)) = {math.log(U['fp32'] / (1 - U['fp32'])):.2f} in float32 and "
+        f"{math.log(U['bf16'] / (1 - U['bf16'])):.2f} in bfloat16. Named: the precisions in which it is reachable. "
+        "A share of 0 where it is unreachable is true by construction and says nothing about the mechanism."))
+    ctx.result("xi_bound", {f"B={b},T={t:g}": {"log_xi_floor": xi_floor(b, t),
+                                               **{p: roundoff_reachable(b, t, U[p]) for p in U}}
+                            for b in cfg["batches"] for t in temps})
+
+
+def _summary(ctx: Context, m: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """Facts that separate the two explanations, computed from the runs (no interpretation beyond them)."""
+    b0 = min(cfg["batches"])
+    lines = []
+    info32 = _mech(m, cfg, "infonce", b0, "fp32")
+    worst = max(max(c["below_fp32"] for c in r.curve) for r in info32)
+    reach = roundoff_reachable(b0, MECH_T, U["fp32"])
+    no_b = [b for b in cfg["batches"] if not roundoff_reachable(b, MECH_T, U["fp32"])]
+    no_t = [t for t in cfg["temps"] if not roundoff_reachable(b0, t, U["fp32"])]
+    lines.append(
+        f"- float32, batch {b0}, T = {MECH_T:g}: the bound "
+        + (f"leaves room for round-off (log ξ ≥ {xi_floor(b0, MECH_T):.2f}, below log u₃₂ = {math.log(U['fp32']):.2f})"
+           if reach else f"rules round-off out (log ξ ≥ {xi_floor(b0, MECH_T):.2f} > log u₃₂ = {math.log(U['fp32']):.2f})")
+        + f"; the largest share of InfoNCE anchors below float32 resolution (per-epoch averages of the ~8 sampled "
+        f"batches) is {worst:.3g}."
+        + (f" The float32 diagnostic cannot fire at all at T = {MECH_T:g} for batch {', '.join(map(str, no_b))}"
+           if no_b else "")
+        + ((" and" if no_b else " The float32 diagnostic cannot fire at all")
+           + f" at batch {b0} for T = {', '.join(f'{t:g}' for t in no_t)}" if no_t else "")
+        + ("; its zeros there are true by construction, not evidence." if no_b or no_t else ""))
+    for arm in ("bf16-loss", "bf16"):
+        parts = []
+        for b in cfg[arm.replace("-", "_")]:
+            rs = _mech(m, cfg, "infonce", b, arm)
+            parts.append(f"batch {b}: {fmt_cell([_tail(r, 'below_bf16') for r in rs], '.3g')}")
+        if parts:
+            lines.append(f"- {arm} arm, InfoNCE at T = {MECH_T:g}, share of anchors with ξ < u_bf16 = 2⁻⁸ (last 20 % "
+                         f"of epochs; there the bf16 gradient on the positive is exactly 0; FlatNCE's is −1 for every "
+                         "anchor in any precision), per batch size: " + "; ".join(parts) + ".")
+    g32 = _gap(_mech(m, cfg, "flatnce", b0, "fp32"), info32)
+    per_arm = [f"float32 {_fmt_gap(g32)}"]
+    for arm in ("bf16-loss", "bf16"):
+        if b0 in cfg[arm.replace("-", "_")]:
+            per_arm.append(f"{arm} {_fmt_gap(_gap(_mech(m, cfg, 'flatnce', b0, arm), _mech(m, cfg, 'infonce', b0, arm)))}")
+    lines.append(f"- FlatNCE − InfoNCE at batch {b0}, T = {MECH_T:g} (1-shot, paired): " + ", ".join(per_arm)
+                 + ". Round-off as the cause predicts a gap that grows as the precision drops; weighting predicts the "
+                 "same gap in every arm.")
+    (ti, _), (tf, _) = m["chosen"][("infonce", b0)], m["chosen"][("flatnce", b0)]
+    lines.append(f"- On validation InfoNCE chose T = {ti:g} and FlatNCE T = {tf:g} at batch {b0}; at T = {ti:g} "
+                 f"round-off of InfoNCE's gradient is {'reachable' if roundoff_reachable(b0, ti, U['fp32']) else 'impossible'}"
+                 f" in float32, so a gap measured there "
+                 + ("could in part be round-off." if roundoff_reachable(b0, ti, U["fp32"]) else
+                    "cannot come from float32 round-off."))
+    ctx.text("**Separating the explanations.**\n\n" + "\n".join(lines))
+
+
+def _plot_probe_vs_batch(ctx: Context, m: dict[str, Any], cfg: dict[str, Any], refs: dict[str, dict[str, float]]) -> None:
     import matplotlib.pyplot as plt
 
-    cells = _cells(plan, "fp32")
-    batches = sorted({b for b, _, _ in cells})
-    temps = sorted({t for _, t, _ in cells})
-    n_seeds = len({r.seed for r in plan})
+    batches = cfg["batches"]
+    n = len(m["seeds"])
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.4))
-    # markers of the bf16 arms sit a little left / right of their batch so they do not hide each other
     dodge = {("bf16-loss", "infonce"): -0.24, ("bf16-loss", "flatnce"): -0.12, ("bf16", "infonce"): 0.12,
              ("bf16", "flatnce"): 0.24}
     for ax, key in zip(axes, ("1-shot", "5-shot", "full")):
-        values = [v for v in refs_values(refs, key)]
-        for t in temps:
-            for loss, style in (("infonce", "--"), ("flatnce", "-")):
-                bs = [b for b in batches if (b, t, loss) in cells]
-                ms = [_ms([r.probe[key] for r in cells[(b, t, loss)]]) for b in bs]
-                ys = [m for m, _ in ms]
-                values += ys
-                ax.errorbar(bs, ys, yerr=[s for _, s in ms] if n_seeds > 1 else None, ls=style,
+        values = [r[key] for r in refs.values() if not math.isnan(r[key])]
+        for budget, style in (("epochs", "-"), ("steps", ":")):
+            for loss in LOSSES:
+                ms = [_ms([r.probe[key] for r in _arm(m, cfg, loss, b, budget)]) for b in batches]
+                ys = [v for v, _ in ms]
+                values += [v for v in ys if not math.isnan(v)]
+                ax.errorbar(batches, ys, yerr=[s for _, s in ms] if n > 1 else None, ls=style,
                             marker="o" if loss == "flatnce" else "D", mfc="none" if loss == "infonce" else None,
-                            capsize=3, label=f"{_LOSS[loss]}, float32, T = {t:g}")
+                            color="C0" if loss == "flatnce" else "C1", capsize=3,
+                            label=f"{_LOSS[loss]}, own T and lr, equal {budget}")
         for arm, color in (("bf16-loss", "0.45"), ("bf16", "k")):
             for loss, mk in (("infonce", "x"), ("flatnce", "s")):
-                pts = sorted((b, _ms([r.probe[key] for r in rs])[0]) for (b, t, l), rs in _cells(plan, arm).items()
-                             if l == loss)
+                pts = [(b, _ms([r.probe[key] for r in _mech(m, cfg, loss, b, arm)])[0])
+                       for b in cfg[arm.replace("-", "_")]]
                 if pts:
-                    values += [p[1] for p in pts]
+                    values += [p[1] for p in pts if not math.isnan(p[1])]
                     ax.plot([p[0] * 2 ** dodge[(arm, loss)] for p in pts], [p[1] for p in pts], mk, ms=8, mew=2,
-                            color=color, mfc="none", label=f"{_LOSS[loss]}, {arm}")
+                            color=color, mfc="none", label=f"{_LOSS[loss]}, {arm}, T = {MECH_T:g}")
         for name, ls in (("raw pixels", ":"), ("untrained encoder", "-.")):
             ax.axhline(refs[name][key], color="0.6", lw=1, ls=ls, label=f"reference: {name}")
         lo, hi = min(values), max(values)
-        pad = max(0.0, (MIN_SPAN - (hi - lo)) / 2) + 1.0  # at least MIN_SPAN points: one seed's noise is ~±2
+        pad = max(0.0, (MIN_SPAN - (hi - lo)) / 2) + 1.0
         top = min(hi + pad, 100.5)
         ax.set_ylim(min(lo - pad, top - MIN_SPAN - 2.0), top)
         ax.set_xscale("log", base=2)
@@ -622,45 +764,40 @@ def _plot_probe_vs_batch(ctx: Context, plan: list[Run], refs: dict[str, dict[str
         ax.set_title(f"{key} probe", fontsize=10)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=lambda k: (("float32" not in labels[k]) + 2 * labels[k].startswith("ref"),
-                                                       labels[k]))
-    handles, labels = [handles[k] for k in order], [labels[k] for k in order]
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=9, frameon=False, bbox_to_anchor=(0.5, -0.13))
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, frameon=False, bbox_to_anchor=(0.5, -0.2))
     fig.tight_layout()
-    spread = "mean ± std over seeds" if n_seeds > 1 else "one seed, no error bars: differences of ~2 points are noise"
+    spread = (f"mean ± sd over {n} replicates" if n > 1 else
+              "one replicate, no error bars: differences of ~2 points are noise")
     ctx.figure(fig, "probe-vs-batch", f"Linear-probe accuracy of the frozen representation vs batch size ({spread}); "
-               "bf16 arms at T = first temperature, drawn beside their batch; grey lines: the references.")
+               "each loss at its temperature and lr chosen on validation; solid: equal epochs, dotted: equal steps; "
+               f"bf16 arms at T = {MECH_T:g}, drawn beside their batch; grey lines: the references (first replicate).")
 
 
-_LOSS = {"infonce": "InfoNCE", "flatnce": "FlatNCE"}
 MIN_SPAN = 12.0  # percentage points: the y range of a probe panel is never narrower
 
 
-def refs_values(refs: dict[str, dict[str, float]], key: str) -> list[float]:
-    return [r[key] for r in refs.values() if not math.isnan(r[key])]
-
-
-def _plot_xi(ctx: Context, plan: list[Run]) -> None:
-    """ξ statistics over training at the smallest float32 batch."""
+def _plot_xi(ctx: Context, m: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """ξ statistics over training at the smallest batch, T = MECH_T (float32) and in the bf16 arms."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    b0 = min(b for b, _, _ in _cells(plan, "fp32"))
+    b0 = min(cfg["batches"])
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.0))
     markers = iter("oDs^vP<>*X")
     series: list[tuple[Any, str, np.ndarray, dict]] = []
-    for (b, t, loss), rs in sorted(_cells(plan, "fp32").items()):
-        if b != b0:
-            continue
+    cells = [(loss, _arm(m, cfg, loss, b0, "epochs"), "own T") for loss in LOSSES]
+    cells += [(loss, _mech(m, cfg, loss, b0, "fp32"), f"T = {MECH_T:g}") for loss in LOSSES]
+    for loss, rs, what in cells:
         st = dict(ls="-" if loss == "flatnce" else "--", marker=next(markers))
         for ax, key in zip(axes, ("xi_lt_1e-3", "median_log10_xi", "info_nce")):
             curve = np.mean([[c[key] for c in r.curve] for r in rs], axis=0)
-            series.append((ax, f"{_LOSS[loss]}, float32, T = {t:g}" + (": ξ < 1e-3" if ax is axes[0] else ""),
-                           curve, st))
+            series.append((ax, f"{_LOSS[loss]}, float32, {what} (T = {rs[0].temperature:g})"
+                           + (": ξ < 1e-3" if ax is axes[0] else ""), curve, st))
     for arm, color in (("bf16-loss", "0.45"), ("bf16", "k")):
-        for (b, t, loss), rs in sorted(_cells(plan, arm).items()):
-            if b != b0:
-                continue
+        if b0 not in cfg[arm.replace("-", "_")]:
+            continue
+        for loss in LOSSES:
+            rs = _mech(m, cfg, loss, b0, arm)
             curve = np.mean([[c["below_bf16"] for c in r.curve] for r in rs], axis=0)
             series.append((axes[0], f"{_LOSS[loss]}, {arm}: ξ < u_bf16", curve,
                            dict(ls=":" if loss == "infonce" else "-.", color=color, marker=next(markers))))
@@ -671,6 +808,9 @@ def _plot_xi(ctx: Context, plan: list[Run]) -> None:
             x = x + 0.06 * (zeros.index(k) - (len(zeros) - 1) / 2)
             label += " (0 throughout)"
         ax.plot(x, curve, label=label, ms=5, mfc="none", **st)
+    axes[1].axhline(xi_floor(b0, MECH_T) / math.log(10), color="r", lw=0.8, ls=":",
+                    label=f"floor of log₁₀ ξ at T = {MECH_T:g} (bound)")
+    axes[1].axhline(math.log10(U["fp32"]), color="k", lw=0.8, ls="-.", label="log₁₀ u₃₂")
     ylabels = ("share of anchors", "median log₁₀ ξ", "InfoNCE value")
     titles = ("share with ξ < 1e-3 (float32) or ξ < u_bf16 (bf16 arms)", "median log₁₀ ξ over anchors",
               "InfoNCE value (both losses)")
@@ -683,4 +823,53 @@ def _plot_xi(ctx: Context, plan: list[Run]) -> None:
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)  # below: covers nothing
     fig.tight_layout(w_pad=2.0)
     ctx.figure(fig, "xi-over-training", f"ξ statistics over training at batch {b0} (training batches, per-epoch "
-               "averages, mean over seeds); series that stay at 0 are drawn side by side at small offsets.")
+               "averages, mean over replicates); series that stay at 0 are drawn side by side at small offsets.")
+
+
+def run(ctx: Context) -> None:
+    cfg = _config(ctx)
+    seeds = [ctx.seed + s for s in range(cfg["seeds"])]
+    ctx.text(
+        "Contrastive pre-training pairs two augmented views of each image; for an anchor with similarity logits "
+        "s_i = cos(z, z_i)/T over the batch (T: the temperature) and its positive t, ξ = Σ_{i≠t} e^{s_i − s_t}. "
+        "InfoNCE is log(1 + ξ); FlatNCE trains with the gradient of log ξ instead. The note's account: as pairs "
+        "separate, ξ → 0 and InfoNCE's gradient on the positive, ξ/(1 + ξ), falls below the unit roundoff u of the "
+        "floating-point format (u₃₂ = 2⁻²⁴ for float32, u_bf16 = 2⁻⁸ for bfloat16) and becomes exactly 0, which "
+        "FlatNCE avoids. Cosine logits bound how small ξ can get: log ξ ≥ log(2B − 2) − 2/T, so whether round-off "
+        "can happen at all depends on B, T and the precision (table below). Two bfloat16 arms bring it within "
+        "reach at T = 0.1: 'bf16-loss' (float32 network, embeddings, logits and loss in bf16) and 'bf16' "
+        "(everything in bf16).")
+    ctx.text(protocol_text(
+        f"scikit-learn's digits, a fixed stratified validation part of {VAL_SIZE} images and, per replicate, a "
+        f"stratified division of the rest into {cfg['n']} training images (unlabelled for pre-training; the labelled "
+        f"pool of the probes) and {TEST_SIZE} test images; the replicate's seed also sets the initialization, "
+        "batches and augmentations",
+        f"each loss's temperature and Adam learning rate, per batch size, from the same "
+        f"{plural(len(cfg['temps']) * len(cfg['lrs']), 'candidate')} (T ∈ {{{', '.join(f'{t:g}' for t in cfg['temps'])}}} "
+        f"× lr ∈ {{{', '.join(f'{x:g}' for x in cfg['lrs'])}}}), by the mean 1-shot probe accuracy on validation over "
+        f"the first {plural(len(seeds[:cfg['sel']]), 'replicate')}",
+        len(seeds), long_runs=("runs are long on CPU: the pure-bfloat16 arm has "
+                               f"{plural(cfg['bf16_seeds'], 'replicate')}" if ctx.full else ""))
+        + f" Budgets: {plural(cfg['epochs'], 'epoch')} (`{ctx.mode}` mode) at every batch, and beside it "
+        f"{cfg['equal_steps']} optimizer steps at every batch. Representation {REP_DIM}-d (encoder output), "
+        f"projection {PROJ_DIM}-d. Probes: logistic regression (C = {PROBE_C:g}, fixed) on standardised frozen "
+        f"features; 1- and 5-shot accuracies are means over {cfg['draws']} fixed draws of the labelled examples (the "
+        "same draws for every run of a replicate), 'full' uses all training labels. FlatNCE is trained with "
+        "`flat_nce(..., value=\"info_nce\")`, so the logged loss of both arms is the InfoNCE value."
+        + ("" if len(seeds) >= MIN_SEEDS else
+           f" **`{ctx.mode}` mode trains for {plural(cfg['epochs'], 'epoch')} with {plural(len(seeds), 'seed')}:** "
+           + direction_only(len(seeds), full_command("flatnce", jobs=True))
+           + f" The full run (about 70 minutes on 2 cores) is kept in `{STORED_FULL_RUN}` of the steepest repository."))
+    ctx.phase("flatnce: probing the references (raw pixels, untrained encoder)")
+    d = load_split(seeds[0])
+    xtr, ytr = d["xtr"], d["ytr"]
+    if cfg["n_train"]:
+        xtr, ytr = xtr[: cfg["n_train"]], ytr[: cfg["n_train"]]
+    draws = {k: few_shot_draws(ytr, k, cfg["draws"], 12_345 + k) for k in (1, 5)}
+    torch.manual_seed(seeds[0])
+    flat = lambda x: x.flatten(1).numpy().astype(np.float64)  # noqa: E731
+    net0 = Net()
+    refs = {"raw pixels": probe(flat(xtr), ytr, flat(d["xte"]), d["yte"], draws),
+            "untrained encoder": probe(features(net0, xtr), ytr, features(net0, d["xte"]), d["yte"], draws)}
+    m = _measure(ctx, cfg)
+    _report(ctx, m, refs, cfg)

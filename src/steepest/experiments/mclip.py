@@ -110,8 +110,52 @@ def _report_errors(ctx: Context, results: dict[str, dict[str, Any]], steps_grid:
     ctx.result("accurate_denested_worst_top_sigma", worst_top)
     ctx.text(
         f"Default (exact msign, de-nested): worst error {worst:.2e} over the five spectra (contract ≤ {TOL_TEXT}), "
-        f"largest singular value of a result {worst_top:.6f} (contract ≤ 1 + {TOL_TEXT})."
+        f"largest singular value of a result {worst_top:.6f} (contract ≤ 1 + {TOL_TEXT}).\n\n"
+        + "\n".join(route_lines(results, steps_grid))
     )
+    ctx.result("routes", route_summary(results, steps_grid))
+
+
+FORMS = {"denested": "de-nested (part 2)", "nested": "nested (part 1, the note's formula)"}
+
+
+def route_summary(results: dict[str, dict[str, Any]], steps_grid: list[int], tol: float = TOL
+                  ) -> dict[str, dict[str, Any]]:
+    """Per form, every route: the exact msign's worst error, the fewest Newton–Schulz steps (float32) that
+    bring each spectrum within ``tol`` (None: none of the grid does) with the error at the most steps, and
+    bfloat16's worst error."""
+    out: dict[str, dict[str, Any]] = {}
+    for form in FORMS:
+        rows = {k.split("/")[0]: r for k, r in results.items() if k.endswith("/" + form)}
+        first = {}
+        for kind, r in rows.items():
+            ok = [s for s in steps_grid if math.isfinite(r["ns_steps"][s]) and r["ns_steps"][s] <= tol]
+            first[kind] = {"steps": ok[0] if ok else None, "error_at_most_steps": r["ns_steps"][max(steps_grid)]}
+        out[form] = {"exact_worst": max(r["accurate"] for r in rows.values()),
+                     "exact_within": sorted(k for k, r in rows.items() if r["accurate"] <= tol),
+                     "ns_float32": first,
+                     "bf16_worst": max(r["ns_bf16"] for r in rows.values()),
+                     "bf16_best": min(r["ns_bf16"] for r in rows.values())}
+    return out
+
+
+def route_lines(results: dict[str, dict[str, Any]], steps_grid: list[int]) -> list[str]:
+    """One sentence per form covering the three routes, generated from the errors."""
+    lines = []
+    for form, s in route_summary(results, steps_grid).items():
+        n = len(s["ns_float32"])
+        ns = []
+        for kind, f in s["ns_float32"].items():
+            name = SPECTRA_SHORT[kind]
+            ns.append(f"{name} from {f['steps']} steps" if f["steps"] is not None else
+                      f"{name} never up to {max(steps_grid)} steps ({f['error_at_most_steps']:.1e} there)")
+        lines.append(
+            f"- **{FORMS[form]}** — exact msign: worst error {s['exact_worst']:.1e}, {len(s['exact_within'])}/{n} "
+            f"spectra within {TOL_TEXT}; Polar Express Newton–Schulz in float32 (the practical route): within "
+            f"{TOL_TEXT} for " + "; ".join(ns) + f"; the same in bfloat16 ({max(steps_grid)} steps): errors "
+            f"{s['bf16_best']:.1e}–{s['bf16_worst']:.1e} (bfloat16 resolves only 2⁻⁸ ≈ 4e-3, so {TOL_TEXT} is "
+            "out of its reach).")
+    return lines
 
 
 def verdict(errors: dict[str, float], tol: float = TOL) -> tuple[str, dict[str, list[str]]]:
@@ -142,7 +186,18 @@ def _claim(ctx: Context, results: dict[str, dict[str, Any]]) -> None:
         miss = f", misses on {', '.join(SPECTRA_SHORT[k] for k in failed[form])}" if failed[form] else ""
         parts.append(f"{name} {worst:.1e} ({n - len(failed[form])}/{n} spectra ≤ {TOL_TEXT}{miss})")
     claim(ctx, "mclip", f"mclip(M) = U min(Σ, 1) Vᵀ computed from msign alone equals the SVD result within {TOL_TEXT}",
-          v, "worst error with the exact msign: " + "; ".join(parts), split="none", seeds=[ctx.seed])
+          v, "worst error with the exact msign: " + "; ".join(parts) + _ns_phrase(results), split="none",
+          seeds=[ctx.seed])
+
+
+def _ns_phrase(results: dict[str, dict[str, Any]]) -> str:
+    """The Newton–Schulz route in a few words, for the claim's key figure (the verdict rests on the exact msign)."""
+    steps_grid = sorted(next(iter(results.values()))["ns_steps"])
+    parts = []
+    for form, s in route_summary(results, steps_grid).items():
+        missed = [SPECTRA_SHORT[k] for k, f in s["ns_float32"].items() if f["steps"] is None]
+        parts.append(f"{form} " + (f"misses on {', '.join(missed)}" if missed else "reaches it on every spectrum"))
+    return f"; with Newton–Schulz (Polar Express, float32, up to {max(steps_grid)} steps) instead: " + ", ".join(parts)
 
 
 def _plot_errors(ctx: Context, results: dict[str, dict[str, Any]], steps_grid: list[int]) -> None:
