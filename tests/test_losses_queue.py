@@ -236,3 +236,12 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="NaN"):
         q.enqueue(torch.full((1, 5), math.inf))
     assert len(q) == 0
+
+
+def test_second_derivatives_with_queue_and_weighting():
+    # penalties differentiate through losses: the new terms must keep second-order gradients
+    z1, z2 = _pairs(50, n=3, d=4)
+    negs = torch.randn(2, 4, generator=torch.Generator().manual_seed(51), dtype=torch.float64)
+    torch.autograd.gradgradcheck(
+        lambda a, b: flat_nce_pairs(a, b, 0.5, weighting="vmf", negatives=negs), (z1, z2))
+    torch.autograd.gradgradcheck(lambda a, b: info_nce_pairs(a, b, 0.5, negatives=negs), (z1, z2))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from steepest.optim import MatrixView, Muon, muon_param_groups, orthogonalize_blocks
+from steepest.optim import MatrixView, Muon, NorMuon, muon_param_groups, orthogonalize_blocks
 from steepest.optim.muon import muon_step
 
 KW = dict(lr=0.05, weight_decay=0.1, momentum=0.9, ns_dtype=torch.float64)
@@ -246,15 +246,21 @@ def test_views_that_do_not_fit_are_refused_by_name():
     assert torch.equal(W.detach(), before)
 
 
-def test_zero_size_parameters_with_views():
-    ps = [nn.Parameter(torch.zeros(0, 3)), nn.Parameter(torch.zeros(0, 4, 5)), nn.Parameter(torch.zeros(2, 0, 3))]
-    opt = Muon([{"params": ps[:1], "use_muon": True, "heads": 3},
-                {"params": ps[1:], "use_muon": True, "batched": True, "max_spectral_norm": 1.0}])
+@pytest.mark.parametrize("cls", [Muon, NorMuon])
+def test_zero_size_parameters_with_views(cls):
+    # blocks with no columns crashed joining them back ((3, 0) with heads, (2, 3, 0) batched)
+    shapes = [(0, 3), (3, 0), (0, 4, 5), (2, 0, 3), (2, 3, 0)]
+    ps = [nn.Parameter(torch.zeros(s)) for s in shapes]
+    opt = cls([{"params": ps[:2], "use_muon": True, "heads": 3},
+               {"params": ps[2:], "use_muon": True, "batched": True, "max_spectral_norm": 1.0}])
     for _ in range(2):
         for p in ps:
             p.grad = torch.zeros_like(p)
         opt.step()
-    assert [tuple(p.shape) for p in ps] == [(0, 3), (0, 4, 5), (2, 0, 3)]
+    assert [tuple(p.shape) for p in ps] == shapes
+    again = cls([{"params": ps[:2], "use_muon": True, "heads": 3},
+                 {"params": ps[2:], "use_muon": True, "batched": True, "max_spectral_norm": 1.0}])
+    again.load_state_dict(opt.state_dict())
 
 
 def test_bfloat16_parameters_with_split_keep_float32_momentum():

@@ -188,9 +188,18 @@ def test_bad_settings_and_foreign_state_are_refused():
     muon = Muon([W])
     muon.step()
     nm = NorMuon([W])
-    with pytest.raises(ValueError, match="row_second_moment"):
+    with pytest.raises(ValueError, match=r"load_state_dict.*adjust_lr_fn.*another optimizer"):
         nm.load_state_dict(muon.state_dict())
     nm.step()
+    before = {k: v.clone() for k, v in muon.state[W].items()}
+    with pytest.raises(ValueError, match=r"load_state_dict.*beta2.*another optimizer"):
+        muon.load_state_dict(nm.state_dict())  # it would have stepped on with NorMuon's momentum
+    assert muon.state[W].keys() == before.keys() and torch.equal(muon.state[W]["momentum_buffer"],
+                                                                  before["momentum_buffer"])
+    sd = copy.deepcopy(muon.state_dict())
+    sd["param_groups"][0].pop("adjust_lr_fn")  # the keys match now; the missing second moment still does not
+    with pytest.raises(ValueError, match="row_second_moment"):
+        NorMuon([W]).load_state_dict(sd)
     other = NorMuon([W], batched=True)
     other.load_state_dict(nm.state_dict())  # a 2-D parameter: the same rows either way
     wrong = NorMuon([W], heads=2)

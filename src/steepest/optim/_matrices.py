@@ -15,6 +15,7 @@ every block of every parameter, batching blocks of one shape together.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import defaultdict
@@ -91,6 +92,9 @@ class MatrixView:
 
     def layout(self, shape: Sequence[int]) -> tuple[int, int, tuple[int, ...]]:
         """``(R, N, sizes)``: the tensor as R rows of N entries cut into consecutive row blocks of ``sizes`` rows."""
+        return _layout(self, tuple(shape))
+
+    def _layout(self, shape: tuple[int, ...]) -> tuple[int, int, tuple[int, ...]]:
         shape = tuple(int(d) for d in shape)
         rows = self.row_shape(shape)
         if len(rows) > 1:
@@ -115,7 +119,7 @@ class MatrixView:
 
     def is_whole(self, shape: Sequence[int]) -> bool:
         """True when the view is the one (out, in·…) matrix of :func:`matrix_shape` (the default)."""
-        return len(self.row_shape(shape)) == 1 and len(self.layout(shape)[2]) == 1
+        return _is_whole(self, tuple(shape))
 
     def block_shapes(self, shape: Sequence[int]) -> list[tuple[int, int]]:
         """The (m, N) shape of every block, in order."""
@@ -138,6 +142,17 @@ class MatrixView:
 
 
 WHOLE = MatrixView()
+
+
+# Views and shapes repeat every step: their layouts are computed once (errors are not cached).
+@functools.lru_cache(maxsize=4096)
+def _layout(view: MatrixView, shape: tuple[int, ...]) -> tuple[int, int, tuple[int, ...]]:
+    return view._layout(shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_whole(view: MatrixView, shape: tuple[int, ...]) -> bool:
+    return len(view.row_shape(shape)) == 1 and len(_layout(view, shape)[2]) == 1
 
 
 def as_views(views: MatrixView | Sequence[MatrixView] | None, n: int) -> list[MatrixView]:
@@ -302,6 +317,13 @@ class Placement:
 
         xs = list(tensors)
         vs = as_views(views, len(xs))
+        if all(v == WHOLE for v in vs):  # the default: one (out, in·…) matrix per tensor, as map() takes them
+            full = [i for i, x in enumerate(xs) if x.numel()]
+            res = self.map([xs[i].reshape(matrix_shape(xs[i].shape)) for i in full], fn)
+            out = list(xs)  # empty tensors: nothing to map
+            for i, o in zip(full, res):
+                out[i] = o.view(xs[i].shape)
+            return out
         shared: list[Tensor] = []
         own: list[Tensor] = []
         gathered: dict[Any, list[Tensor]] = {}
@@ -352,12 +374,14 @@ class Placement:
             if kind == "whole":
                 out.append(parts[0].view(x.shape))
                 continue
-            if kind == "local":
-                loc = local_part(x)
-                rows = torch.cat([p.reshape(-1, N) for p in parts]) if parts else loc.reshape(-1, N)[:0]
+            if kind == "local":  # parts are (m, N) matrices, in row order
+                rows = torch.cat(parts) if parts else local_part(x).new_empty((0, N))
                 out.append(from_local_rows(rows, x) if is_dtensor(x) else rows.view(x.shape))
                 continue
-            rows = torch.cat([p.reshape(-1, N) for p in parts]) if parts else x.reshape(R, N)[:0]
+            if len(parts) == 1:
+                rows = parts[0]
+            else:
+                rows = torch.cat(parts) if parts else x.new_empty((0, N))
             if kind == "plain":
                 out.append(rows.view(x.shape))
             else:  # gathered: every rank has the whole result and keeps its own rows

@@ -35,9 +35,10 @@ from torch import Tensor, nn
 
 from .._validate import check_choice, check_flag, check_int, check_number
 from ..linalg import SCHEDULES, NSConfig, resolve_schedule
-from ._base import SteepestOptimizer, lr_value, ordered, slot_dtype
+from ._base import _TORCH_KEYS, SteepestOptimizer, lr_value, ordered, slot_dtype
 from ._matrices import (
     LOCAL,
+    WHOLE,
     MatrixView,
     Placement,
     as_views,
@@ -150,6 +151,9 @@ def muon_apply(
 def _add_scaled(p: Tensor, o: Tensor, view: MatrixView, lr: float, adjust_lr_fn: AdjustLR) -> None:
     """``p ← p − lr·scale(B)·o_B`` for every block B of ``view``."""
     _, N, sizes = view.layout(p.shape)
+    if len(sizes) == 1:
+        p.add_(o.view_as(p), alpha=-lr * muon_lr_scale((sizes[0], N), adjust_lr_fn))
+        return
     scales = {m: muon_lr_scale((m, N), adjust_lr_fn) for m in set(sizes)}
     if len(set(scales.values())) == 1:
         p.add_(o.view_as(p), alpha=-lr * next(iter(scales.values())))
@@ -594,6 +598,24 @@ class Muon(SteepestOptimizer):
             self._require(state, p, "exp_avg", "exp_avg_sq")
             self._require(state, p, "step", like=False)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`SteepestOptimizer.load_state_dict`, refusing first a matrix group with keys this optimizer lacks.
+
+        A state saved by another Muon-like optimizer (NorMuon's ``beta2`` loaded
+        into Muon, Muon's ``adjust_lr_fn`` into NorMuon) is an error here, and nothing
+        is loaded; ``torch.optim.Muon``'s keys are all Muon keys.
+        """
+        groups = state_dict.get("param_groups", []) if isinstance(state_dict, dict) else []
+        for gi, g in enumerate(groups):
+            if isinstance(g, dict) and g.get("use_muon", True):
+                unknown = set(g) - set(self._muon_keys) - {"use_muon"} - _TORCH_KEYS
+                if unknown:
+                    raise ValueError(
+                        f"{self._name}.load_state_dict: param group {gi} has key(s) {sorted(unknown)}, which a "
+                        f"{self._name} group does not have; was this state_dict saved by another optimizer? "
+                        "Nothing was loaded.")
+        super().load_state_dict(state_dict)
+
     def _check_matrix_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         self._require(state, p, "momentum_buffer")
 
@@ -665,6 +687,8 @@ def group_view(group: dict[str, Any]) -> MatrixView:
 def _check_view_shapes(g: dict[str, Any]) -> None:
     """The group's view fits each of its parameters (split sizes add up to the rows, heads divide them)."""
     view = group_view(g)
+    if view == WHOLE:  # every ≥2-D parameter is its (out, in·…) matrix
+        return
     for i, p in enumerate(g.get("params", ())):
         p = p[1] if isinstance(p, tuple) else p
         if isinstance(p, Tensor) and p.ndim >= 2:
