@@ -9,6 +9,9 @@ kexue.fm/archives/8968).
 
 Every class derives from :class:`SteepestOptimizer` (argument checks, the
 ``nonfinite`` policy, checked ``load_state_dict``) and calls its functional core.
+A :class:`MatrixView` says which matrices a parameter is for Muon and NorMuon (a
+stack over leading dimensions, row blocks such as fused Q/K/V parts or heads);
+:func:`qk_clip_` is Kimi K2's per-head QK-Clip, applied after a step.
 """
 
 from ._base import NonFiniteGradientError, NonFiniteGradientWarning, SteepestOptimizer
