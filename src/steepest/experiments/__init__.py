@@ -50,7 +50,7 @@ SOURCES: dict[str, Source] = {
                        "https://kexue.fm/archives/11549"),
     "optim": Source("Keller Jordan (2024)", "Muon: An optimizer for hidden layers in neural networks",
                     "https://kellerjordan.github.io/posts/muon/", beyond=True,
-                    topic="SGD, SignSGD and Muon against AdamW on two tasks"),
+                    topic="SGD, SignSGD, Muon and NorMuon against AdamW on two tasks"),
 }
 
 

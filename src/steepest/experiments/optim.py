@@ -19,9 +19,11 @@ a test part (the protocol of :mod:`steepest.experiments._protocol`):
 
 Optimizers: steepest Muon (+AdamW for embeddings, head and vectors via
 ``muon_param_groups``), torch.optim.Muon (+ a separate torch AdamW for the same
-non-matrix parameters), AdamW, SGD with Nesterov momentum 0.9, SignSGD with
-momentum 0.9. Every optimizer's lr is chosen on validation from a grid of the same
-size (torch.optim.Muon in quick mode excepted, see ``grids``); both Muons use AdamW's
+non-matrix parameters), NorMuon (Li et al., *NorMuon: Making Muon more efficient and
+scalable*, arXiv:2510.05491; :class:`steepest.optim.NorMuon`, same param groups as
+steepest Muon), AdamW, SGD with Nesterov momentum 0.9, SignSGD with momentum 0.9.
+Every optimizer's lr is chosen on validation from a grid of the same size
+(torch.optim.Muon in quick mode excepted, see ``grids``); the three Muons use AdamW's
 chosen lr for their AdamW part. All runs of a replicate share the initialization, the
 batches and the lr schedule's shape (linear warm-up over 5 %, flat, linear decay to 0
 over the last 30 % of the run's own horizon).
@@ -29,6 +31,17 @@ over the last 30 % of the run's own horizon).
 The claim (Muon needs at most 0.8× AdamW's steps) is tested at matched horizons:
 Muon trained on a complete schedule of 0.8× the steps against AdamW on the full one,
 final test losses paired by replicate.
+
+Steps to AdamW's final loss (char-LM): per replicate, the first evaluation at which
+AdamW, torch.optim.Muon, steepest Muon and NorMuon (full schedules, each at its
+chosen lr) reach that replicate's AdamW final validation loss, and, on the test
+part, its final test loss; the ratio to AdamW's own count. The target of 0.6×
+AdamW's steps is judged on the test counts (:func:`steps_ratio_verdict`). A run
+that reaches the loss mid-schedule would need fewer steps on a schedule completed
+there, so these counts overstate the steps Muon needs: a *held* is conservative.
+Anchor: the modded-nanogpt speedrun (Keller Jordan et al.,
+github.com/KellerJordan/modded-nanogpt) needs about 1.6–1.7× fewer steps with Muon
+than with AdamW at a fixed architecture (a ratio of about 0.6).
 
 Measuring (``_optim_job``, ``run_task``) returns plain data; the ``_report_*`` /
 ``_plot_curves`` functions write it.
@@ -50,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..optim import Muon, SignSGD, muon_param_groups
+from ..optim import Muon, NorMuon, SignSGD, muon_param_groups
 from ..report import DIVERGED, Context, plural
 from . import claim, full_command
 from ._data import digits_three_way
@@ -70,14 +83,18 @@ VAL_FILES = ["textwrap.py", "string.py", "fractions.py", "heapq.py"]
 TEST_FILES = ["tokenize.py", "csv.py", "gettext.py", "statistics.py"]
 
 GOAL = 0.8  # Muon on a schedule of this fraction of AdamW's steps ends at or below AdamW's final test loss
+STEPS_GOAL = 0.6  # Muon and NorMuon reach AdamW's final loss within this fraction of AdamW's steps (the target)
+ANCHOR = (1.6, 1.7)  # modded-nanogpt: this many times fewer steps with Muon than with AdamW
 CHANCE = {"digits": math.log(10), "char-LM": math.log(128)}  # the loss of a uniform prediction
-OPTIMIZERS = ["AdamW", "Muon (steepest)", "torch.optim.Muon", "SGD", "SignSGD"]
+OPTIMIZERS = ["AdamW", "Muon (steepest)", "torch.optim.Muon", "NorMuon", "SGD", "SignSGD"]
+STEPS_ARMS = ["AdamW", "torch.optim.Muon", "Muon (steepest)", "NorMuon"]  # steps to AdamW's final loss (char-LM)
+TARGET_ARMS = ["Muon (steepest)", "NorMuon"]  # the arms the 0.6× target is about
 MUON_SHORT = "Muon (steepest), 0.8× steps"  # the horizon-matched arm of the claim
 COLORS = {"AdamW": "C0", "Muon (steepest)": "C3", "torch.optim.Muon": "C1", "SGD": "C2", "SignSGD": "C4",
-          MUON_SHORT: "C5"}
+          "NorMuon": "C6", MUON_SHORT: "C5"}
 # markers keep curves that coincide (the two Muons) apart; hollow for torch.optim.Muon
 MARKERS = {"AdamW": ("o", None), "Muon (steepest)": ("s", None), "torch.optim.Muon": ("D", "none"), "SGD": ("^", None),
-           "SignSGD": ("v", None), MUON_SHORT: ("P", None)}
+           "SignSGD": ("v", None), "NorMuon": ("X", None), MUON_SHORT: ("P", None)}
 
 
 # ---------------------------------------------------------------------------
@@ -261,6 +278,8 @@ def make_optimizer(name: str, model: nn.Module, lr: float, adamw_lr: float) -> S
     groups = muon_param_groups(model, adamw={"lr": adamw_lr, **ADAMW})
     if name == "Muon (steepest)":
         return Several(Muon(groups, lr=lr, momentum=0.95))
+    if name == "NorMuon":  # the paper's defaults: β₁ 0.95, β₂ 0.95, update RMS 0.2·lr
+        return Several(NorMuon(groups, lr=lr, momentum=0.95))
     if name == "torch.optim.Muon":
         hidden = [g for g in groups if g["use_muon"]][0]["params"]
         rest = [g for g in groups if not g["use_muon"]][0]["params"]
@@ -280,14 +299,16 @@ def lr_factor(step: int, total: int) -> float:
     return 1.0
 
 
-def train(task: Task, name: str, lr: float, adamw_lr: float, steps: int, eval_every: int, seed: int) -> dict:
-    """Train ``steps`` steps on a complete schedule of that length; validation loss every ``eval_every`` steps,
-    test loss (and accuracy) at the end."""
+def train(task: Task, name: str, lr: float, adamw_lr: float, steps: int, eval_every: int, seed: int,
+          test_curve: bool = False) -> dict:
+    """Train ``steps`` steps on a complete schedule of that length; validation loss every ``eval_every`` steps
+    (``test_curve``: the test loss too, at the same steps), test loss (and accuracy) at the end."""
     torch.manual_seed(seed)
     model = task.make_model()
     opt = make_optimizer(name, model, lr, adamw_lr)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, steps)) for o in opt.opts]
     hist_step, hist_val, hist_time = [0], [task.val_loss(model)], [0.0]
+    hist_test = [task.test_loss(model)] if test_curve else []
     elapsed = 0.0
     diverged = False
     for i in range(steps):
@@ -308,6 +329,8 @@ def train(task: Task, name: str, lr: float, adamw_lr: float, steps: int, eval_ev
             hist_step.append(i + 1)
             hist_val.append(v)
             hist_time.append(elapsed)
+            if test_curve:
+                hist_test.append(task.test_loss(model))
             if not math.isfinite(v):
                 diverged = True
                 break
@@ -318,6 +341,8 @@ def train(task: Task, name: str, lr: float, adamw_lr: float, steps: int, eval_ev
            "ms_per_step": 1e3 * elapsed / max(1, hist_step[-1])}
     if task.accuracy is not None and not diverged:
         out["accuracy"] = task.accuracy(model)
+    if test_curve:
+        out["test_curve"] = hist_test
     return out
 
 
@@ -337,12 +362,15 @@ def grids(ctx: Context, task: str) -> dict[str, list[float]]:
     convention; its bfloat16 Newton–Schulz makes it by far the slowest optimizer on CPU)."""
     if ctx.full and task == "digits":
         return {"AdamW": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "Muon (steepest)": [0.005, 0.01, 0.02, 0.05, 0.1],
-                "torch.optim.Muon": [0.005, 0.01, 0.02, 0.05, 0.1], "SGD": [0.03, 0.1, 0.3, 1.0, 3.0],
-                "SignSGD": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]}
+                "torch.optim.Muon": [0.005, 0.01, 0.02, 0.05, 0.1], "NorMuon": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+                "SGD": [0.03, 0.1, 0.3, 1.0, 3.0], "SignSGD": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]}
+    # NorMuon's lr sets an update RMS of 0.2·lr (AdamW-sized); on digits its best lr lies lower than on the char-LM
+    normuon = [0.003, 0.01, 0.03] if task == "digits" else [0.01, 0.02, 0.05]
     return {
         "AdamW": ctx.pick([3e-3], [3e-3, 1e-2, 3e-2], [3e-3, 1e-2, 3e-2]),
         "Muon (steepest)": ctx.pick([0.02], [0.01, 0.02, 0.05], [0.01, 0.02, 0.05]),
         "torch.optim.Muon": ctx.pick([], [], [0.01, 0.02, 0.05]),
+        "NorMuon": ctx.pick([normuon[1]], normuon, normuon),
         "SGD": ctx.pick([0.1], [0.1, 0.3, 1.0], [0.1, 0.3, 1.0]),
         "SignSGD": ctx.pick([1e-3], [1e-3, 3e-3, 1e-2], [1e-3, 3e-3, 1e-2]),
     }
@@ -353,7 +381,9 @@ def _optim_job(job: tuple[str, str, int, int, int, int, str, float, float]) -> d
     lr, AdamW's lr for a Muon's other parameters. Self-contained (builds the task, seeds itself) for a worker."""
     tname, mode, stream, horizon, every, seed, name, lr, adamw_lr = job
     task = TASKS[tname](mode, stream, seed)
-    return train(task, name, lr, adamw_lr, horizon, every, seed)
+    # the test curve only where steps to AdamW's final test loss are counted
+    return train(task, name, lr, adamw_lr, horizon, every, seed,
+                 test_curve=tname == "char-LM" and name in STEPS_ARMS and horizon == stream)
 
 
 def run_task(ctx: Context, tname: str, steps: int, every: int, seeds: list[int]) -> dict[str, Any]:
@@ -447,9 +477,10 @@ def _report_intro(ctx: Context, notes: list[str], seeds: dict[str, list[int]]) -
         "Steepest descent `ΔW = −η·dualmap(G)` under three norms: Euclidean (SGD), ∞-norm (SignSGD, "
         "`sign(G)`) and spectral (Muon, `msign(G)`), with AdamW as the common baseline. "
         + " ".join(n + "." for n in notes)
-        + " The two Muons use AdamW's chosen lr for their AdamW part (embeddings, head, gains and biases). steepest "
+        + " The three Muons use AdamW's chosen lr for their AdamW part (embeddings, head, gains and biases). steepest "
         "Muon runs its defaults (Polar Express NS in float32); torch.optim.Muon its own (Keller Jordan coefficients "
-        "in bfloat16), weight decay 0 for both. Schedule: warm-up 5 %, flat, linear decay to 0 over the last 30 % "
+        "in bfloat16); NorMuon (Li et al. 2025, arXiv:2510.05491) steepest's Newton–Schulz with the paper's per-row "
+        "second moment (β₂ 0.95) and an update RMS of 0.2·lr; weight decay 0 for all three. Schedule: warm-up 5 %, flat, linear decay to 0 over the last 30 % "
         "of each run's own horizon."
         + (" torch.optim.Muon runs at steepest Muon's chosen lr only (same lr convention), because its bfloat16 "
            "Newton–Schulz makes it by far the slowest optimizer on CPU; `--full` gives it a grid of its own." if not
@@ -517,6 +548,99 @@ def _report_steps_to(ctx: Context, results: dict[str, dict[str, Any]]) -> None:
              "(full schedule) reaches AdamW's final validation loss — " + "; ".join(lines) + ". This count compares "
              "AdamW at the end of its lr decay with Muon in the middle of its schedule, so it favours neither fairly; "
              "the claim is judged on the horizon-matched runs above.")
+
+
+def first_reach(steps: list[int], curve: list[float], target: float) -> float:
+    """The first evaluated step at which ``curve`` is at or below ``target``; inf when it never is."""
+    for s, v in zip(steps, curve):
+        if math.isfinite(v) and v <= target:
+            return float(s)
+    return math.inf
+
+
+def steps_to_adamw(arms: dict[str, list[dict]], key: str = "val") -> dict[str, list[float]]:
+    """Per replicate, the steps each of :data:`STEPS_ARMS` takes to reach that replicate's AdamW final loss on the
+    validation (``key="val"``) or test (``"test_curve"``) curve; inf where it is never reached (or AdamW diverged)."""
+    out: dict[str, list[float]] = {o: [] for o in STEPS_ARMS}
+    for i, adam in enumerate(arms["AdamW"]):
+        target = adam[key][-1] if not adam["diverged"] else math.nan
+        for o in STEPS_ARMS:
+            r = arms[o][i]
+            out[o].append(first_reach(r["steps"], r[key], target) if math.isfinite(target) else math.inf)
+    return out
+
+
+def steps_ratio_verdict(counts: dict[str, list[float]], arms: list[str] | None = None) -> str:
+    """Each arm of ``arms`` (default :data:`TARGET_ARMS`) reaches AdamW's final test loss within STEPS_GOAL × AdamW's
+    steps, from the paired log ratios of the counts per replicate: held when the whole 95 % interval of the log
+    ratio lies below log STEPS_GOAL, partly held when its mean does, not held otherwise (a count never reached is
+    inf: not held); combined over the arms (:func:`combine`)."""
+    arms = TARGET_ARMS if arms is None else arms
+    return combine([outcome(paired(counts[o], counts["AdamW"], log=True), below=math.log(STEPS_GOAL)) for o in arms])
+
+
+def _fmt_count(values: list[float], spec: str) -> str:
+    """Counts or ratios per replicate: mean ± sd; "not reached in k/n" when some never reached the target."""
+    bad = sum(not math.isfinite(v) for v in values)
+    return f"not reached in {bad}/{len(values)}" if bad else fmt_cell(values, spec)
+
+
+def _fmt_ratio_iv(iv: Any) -> str:
+    """A paired steps ratio as :func:`fmt_interval` writes it; "not reached in k/n" when a count is inf."""
+    bad = sum(not math.isfinite(v) for v in iv.values)
+    return f"not reached in {bad}/{iv.n}" if bad else fmt_interval(iv, ".2f", ratio=True)
+
+
+def _report_steps_ratio(ctx: Context, res: dict[str, Any]) -> None:
+    """Steps of AdamW, the two Muons and NorMuon to AdamW's final char-LM loss, per replicate; the 0.6× target."""
+    arms, seeds = res["arms"], res["seeds"]
+    counts = {"val": steps_to_adamw(arms, "val"), "test": steps_to_adamw(arms, "test_curve")}
+    ratios = {k: {o: [s / a if math.isfinite(s) and a > 0 else math.inf for s, a in zip(c[o], c["AdamW"])]
+                  for o in STEPS_ARMS} for k, c in counts.items()}
+    rows = []
+    for o in STEPS_ARMS:
+        iv = paired(counts["test"][o], counts["test"]["AdamW"], log=True)
+        rows.append([o, res["chosen"][o], _fmt_count(counts["val"][o], ".0f"), _fmt_count(ratios["val"][o], ".2f"),
+                     _fmt_count(counts["test"][o], ".0f"), _fmt_count(ratios["test"][o], ".2f"),
+                     "–" if o == "AdamW" else _fmt_ratio_iv(iv)])
+    every = res["steps"] // max(1, len(arms["AdamW"][0]["steps"]) - 1)
+    ctx.table(["arm", "lr", "steps to AdamW's final val loss", "ratio to AdamW (val)",
+               "steps to AdamW's final test loss", "ratio to AdamW (test)", "ratio, paired (test)"], rows,
+              caption=f"char-LM: steps to reach AdamW's final loss of the same replicate (validation part, and test "
+                      f"part), each optimizer on its full {res['steps']}-step schedule at its lr chosen on validation, "
+                      f"{n_caption(len(seeds), 'replicate')}; counts are read at the evaluations (every {every} steps). "
+                      f"Target: Muon and NorMuon ≤ {STEPS_GOAL:g}× AdamW's steps; anchor: modded-nanogpt needs about "
+                      f"{ANCHOR[0]:g}–{ANCHOR[1]:g}× fewer steps with Muon than with AdamW (a ratio of "
+                      f"{1 / ANCHOR[1]:.2f}–{1 / ANCHOR[0]:.2f}).")
+    rec = {}
+    for o in STEPS_ARMS:
+        rec[o] = {"lr": res["chosen"][o], "steps_val": counts["val"][o], "ratio_val": ratios["val"][o],
+                  "steps_test": counts["test"][o], "ratio_test": ratios["test"][o],
+                  "ratio_val_mean": mean_or_inf(ratios["val"][o]), "ratio_test_mean": mean_or_inf(ratios["test"][o]),
+                  "ratio_val_sd": statistics.stdev(ratios["val"][o]) if len(seeds) > 1 and all(
+                      math.isfinite(v) for v in ratios["val"][o]) else math.nan}
+    ctx.result("charlm_steps_to_adamw", rec)
+    ctx.result("charlm_steps_target", {"ratio": STEPS_GOAL, "anchor_fewer_steps": list(ANCHOR)})
+    ivs = {o: paired(counts["test"][o], counts["test"]["AdamW"], log=True) for o in TARGET_ARMS}
+    ctx.result("charlm_steps_claim_intervals", {o: iv.record("log(steps / AdamW's steps) to AdamW's final test loss")
+                                                for o, iv in ivs.items()})
+    verdict = steps_ratio_verdict(counts["test"])
+    few = len(seeds) < MIN_SEEDS
+    claim(ctx, "optim", f"On the char-LM, steepest's Muon and NorMuon reach AdamW's final test loss within "
+          f"{STEPS_GOAL:g}× AdamW's steps (the target; modded-nanogpt's anchor is {ANCHOR[0]:g}–{ANCHOR[1]:g}× fewer "
+          "steps with Muon), counted on full-schedule runs at the lrs chosen on validation", verdict,
+          "; ".join(f"{o}: {_fmt_ratio_iv(iv)}" for o, iv in ivs.items())
+          + " (steps ratio to AdamW, geometric mean over replicates; a count on a schedule that continues past it "
+            "overstates the steps needed, so a *held* is conservative)"
+          + (" (one replicate: direction only)" if few else ""),
+          split="test", seeds=seeds, command=full_command("optim") if few else None)
+    ctx.text(f"Steps to AdamW's final loss (char-LM). The issue's target is a ratio of at most {STEPS_GOAL:g} for "
+             f"Muon and NorMuon; modded-nanogpt's fixed-architecture speedrun reports about {ANCHOR[0]:g}–"
+             f"{ANCHOR[1]:g}× fewer steps with Muon than with AdamW. Measured here (ratio to AdamW's steps, validation "
+             "/ test): " + "; ".join(f"{o} {_fmt_count(ratios['val'][o], '.2f')} / {_fmt_count(ratios['test'][o], '.2f')}"
+                                     for o in STEPS_ARMS if o != "AdamW")
+             + f" ({n_caption(len(seeds), 'replicate')}"
+             + ("; quick mode has one char-LM replicate, full mode three" if few else "") + ").")
 
 
 def _mean_curve(tname: str, runs: list[dict]) -> dict:
@@ -588,4 +712,6 @@ def run(ctx: Context) -> None:
     _claim(ctx, results)
     _report_results(ctx, results)
     _report_steps_to(ctx, results)
+    if "char-LM" in results:
+        _report_steps_ratio(ctx, results["char-LM"])
     _plot_curves(ctx, results)
