@@ -34,6 +34,7 @@ REGISTRY: dict[str, str] = {
     "penalties": "steepest.experiments.penalties",
     "isotropy": "steepest.experiments.isotropy",
     "optim": "steepest.experiments.optim",
+    "qkclip": "steepest.experiments.qkclip",
 }
 
 #: experiment -> the note it reproduces (Jianlin Su, kexue.fm; English titles, originals in Chinese)
@@ -51,6 +52,10 @@ SOURCES: dict[str, Source] = {
     "optim": Source("Keller Jordan (2024)", "Muon: An optimizer for hidden layers in neural networks",
                     "https://kellerjordan.github.io/posts/muon/", beyond=True,
                     topic="SGD, SignSGD, Muon and NorMuon against AdamW on two tasks"),
+    "qkclip": Source("Kimi K2 (2025)", "Kimi K2: Open Agentic Intelligence, MuonClip (with Su, QK-Clip: taking Muon "
+                     "one step further on the way to scale-up, kexue.fm/archives/11126)",
+                     "https://arxiv.org/abs/2507.20534", beyond=True,
+                     topic="QK-Clip against runaway attention logits of a transformer trained with Muon"),
 }
 
 
