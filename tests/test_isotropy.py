@@ -687,3 +687,192 @@ def test_monitored_model_pickles_and_its_copy_is_not_monitored(tmp_path):
     loaded(torch.randn(2, 3)).sum().backward()
     assert mon._pending == {}
     mon.remove()
+
+
+# ----------------------------------------------------------------------------- Whitening: shrinkage, running statistics in training, sample decorrelation
+def _np_inv_sqrt(S: np.ndarray) -> np.ndarray:
+    lam, Q = np.linalg.eigh(0.5 * (S + S.T))
+    return (Q / np.sqrt(lam)) @ Q.T
+
+
+def _np_shrunk_whiten(X: np.ndarray, centered: bool, alpha: float, eps: float) -> np.ndarray:
+    """Xc ((1 − α)Σ + α·tr Σ/c·I + εI)^{-1/2}, Σ the biased batch (second-moment) covariance."""
+    Xc = X - X.mean(0) if centered else X
+    S = Xc.T @ Xc / len(X)
+    c = S.shape[0]
+    return Xc @ _np_inv_sqrt((1 - alpha) * S + (alpha * np.trace(S) / c + eps) * np.eye(c))
+
+
+@pytest.mark.parametrize("n", [40, 9])  # more samples than channels, and fewer (the Gram-side path)
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_whitening_shrinkage_matches_numpy(n, centered, alpha):
+    rng = _rng(30)
+    X = rng.standard_normal((n, 12)) @ np.diag(np.logspace(0, -2, 12)) + 0.3
+    m = Whitening(12, centered=centered, eps=1e-4, affine=False, shrinkage=alpha).double()
+    Y = m(_t(X)).detach().numpy()
+    np.testing.assert_allclose(Y, _np_shrunk_whiten(X, centered, alpha, 1e-4), atol=1e-8)
+    if alpha == 1.0:  # a scalar normalization: Y = Xc / √(tr Σ / c + ε)
+        Xc = X - X.mean(0) if centered else X
+        np.testing.assert_allclose(Y, Xc / math.sqrt((Xc**2).sum() / (n * 12) + 1e-4), atol=1e-10)
+    # eval shrinks the running covariance the same way
+    m.eval()
+    R = m.running_cov[0].numpy()
+    mu = m.running_mean.numpy() if centered else 0.0
+    ref = (X - mu) @ _np_inv_sqrt((1 - alpha) * R + (alpha * np.trace(R) / 12 + 1e-4) * np.eye(12))
+    with torch.no_grad():
+        np.testing.assert_allclose(m(_t(X)).numpy(), ref, atol=1e-8)
+
+
+def test_whitening_shrinkage_bounds_the_gain_of_unseen_directions():
+    # a batch of 4 in 10 dimensions: without shrinkage an unseen direction is scaled by 1/√ε in eval
+    rng = _rng(31)
+    m0 = Whitening(10, centered=False, eps=1e-6, affine=False, momentum=1.0).double()
+    m1 = Whitening(10, centered=False, eps=1e-6, affine=False, momentum=1.0, shrinkage=0.5).double()
+    X = rng.standard_normal((4, 10))
+    m0(_t(X)), m1(_t(X))
+    m0.eval(), m1.eval()
+    Q, _ = np.linalg.qr(X.T, mode="complete")
+    u = _t(Q[:, -1:].T)  # orthogonal to every sample of the batch
+    t = (X**2).sum() / (4 * 10)
+    with torch.no_grad():
+        assert float(m0(u).norm()) == pytest.approx(1e3, rel=1e-6)
+        assert float(m1(u).norm()) == pytest.approx(1 / math.sqrt(0.5 * t + 1e-6), rel=1e-6)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_whitening_running_train_stats_whiten_with_the_updated_running_estimate(centered):
+    rng = _rng(32)
+    X = rng.standard_normal((30, 5)) @ rng.standard_normal((5, 5)) + rng.standard_normal(5)
+    m = Whitening(5, centered=centered, momentum=0.25, eps=1e-3, affine=False, train_stats="running").double()
+    x = _t(X).requires_grad_()
+    Y = m(x)
+    # numpy: the running estimates after one BatchNorm-style update from (0, I)
+    mu = 0.25 * X.mean(0) if centered else np.zeros(5)
+    C = np.cov(X, rowvar=False) if centered else X.T @ X / 30
+    R = 0.75 * np.eye(5) + 0.25 * C
+    W = _np_inv_sqrt(R + 1e-3 * np.eye(5))
+    np.testing.assert_allclose(Y.detach().numpy(), (X - mu) @ W, atol=1e-9)
+    np.testing.assert_allclose(m.running_cov[0].numpy(), R, atol=1e-12)
+    # no gradient through the statistics: the map is affine in x, so ∂⟨Y, T⟩/∂x = T W
+    T = rng.standard_normal((30, 5))
+    (Y * _t(T)).sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), T @ W, atol=1e-9)
+    # training and eval apply the same per-sample map
+    m.eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(m(_t(X[3:4])).numpy(), Y.detach().numpy()[3:4], atol=1e-12)
+
+
+def test_whitening_running_train_stats_with_shrinkage_and_groups():
+    rng = _rng(33)
+    X = rng.standard_normal((16, 6)) * np.array([3.0, 1.0, 0.1, 2.0, 0.5, 0.01])
+    m = Whitening(6, centered=False, momentum=0.5, eps=1e-5, groups=2, affine=False, train_stats="running",
+                  shrinkage=0.2).double()
+    Y = m(_t(X)).detach().numpy()
+    ref = []
+    for g in range(2):
+        Xg = X[:, 3 * g : 3 * g + 3]
+        R = 0.5 * np.eye(3) + 0.5 * Xg.T @ Xg / 16
+        ref.append(Xg @ _np_inv_sqrt(0.8 * R + (0.2 * np.trace(R) / 3 + 1e-5) * np.eye(3)))
+    np.testing.assert_allclose(Y, np.concatenate(ref, axis=1), atol=1e-9)
+
+
+def _np_decorrelate(Y: np.ndarray, rho: float) -> np.ndarray:
+    K = Y @ Y.T
+    kbar = np.trace(K) / len(Y)
+    return math.sqrt(kbar) * _np_inv_sqrt(rho * K + (1 - rho) * kbar * np.eye(len(Y))) @ Y
+
+
+@pytest.mark.parametrize("n", [8, 30])  # fewer rows than channels (Gram side) and more (channel side)
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.9])
+def test_whitening_sample_decorrelation_closed_form(n, rho):
+    rng = _rng(34)
+    C = 16
+    X = rng.standard_normal((n, C)) @ rng.standard_normal((C, C)) * 0.3 + 1.0
+    kw = dict(centered=False, eps=1e-3, affine=False, train_stats="running", momentum=1.0)
+    plain = Whitening(C, **kw).double()
+    m = Whitening(C, sample_decorrelation=rho, **kw).double()
+    Y0 = plain(_t(X)).detach().numpy()
+    Y = m(_t(X)).detach().numpy()
+    np.testing.assert_allclose(Y, _np_decorrelate(Y0, rho), atol=1e-8)
+    # the spectrum of YYᵀ: k ↦ k̄k / (ρk + (1 − ρ)k̄), k the eigenvalues of Y0Y0ᵀ
+    k = np.linalg.eigvalsh(Y0 @ Y0.T)
+    kbar = k.sum() / n
+    expect = kbar * k / (rho * k + (1 - rho) * kbar)
+    np.testing.assert_allclose(np.linalg.eigvalsh(Y @ Y.T), np.sort(expect), atol=1e-7 * kbar * n)
+    # eval applies no decorrelation: the same per-sample map as without it
+    m.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(_t(X)), plain(_t(X)), atol=1e-12, rtol=0)
+
+
+def test_whitening_sample_decorrelation_brings_the_gram_matrix_to_identity():
+    # whitening with the population covariance (I here; momentum 0 keeps the running estimate at I)
+    # leaves XXᵀ ∝ I only up to ~√(n/d) fluctuations; ρ → 1 removes them
+    rng = _rng(35)
+    X = _t(rng.standard_normal((16, 32)))
+    from steepest.isotropy import isotropy_metrics
+
+    dist = []
+    for rho in (0.0, 0.5, 0.9, 0.999):
+        m = Whitening(32, centered=False, eps=1e-6, affine=False, train_stats="running", momentum=0.0,
+                      sample_decorrelation=rho).double()
+        dist.append(isotropy_metrics(m(X).detach())["gram_distance"])
+    assert dist[0] > 0.3
+    assert all(a > b for a, b in zip(dist, dist[1:]))
+    assert dist[-1] < 1e-2
+
+
+def test_whitening_new_options_gradcheck():
+    x = _t(_rng(36).standard_normal((6, 4)) + 0.5).requires_grad_()
+    for kw in (dict(shrinkage=0.3, sample_decorrelation=0.7, track_running_stats=False),
+               dict(shrinkage=0.3, sample_decorrelation=0.7, centered=False, groups=2, track_running_stats=False)):
+        m = Whitening(4, eps=1e-2, **kw).double()
+        assert torch.autograd.gradcheck(lambda t: m(t), (x,), atol=1e-6, rtol=1e-5)
+    x = _t(_rng(37).standard_normal((10, 4))).requires_grad_()  # more rows than channels
+    m = Whitening(4, eps=1e-2, sample_decorrelation=0.5, track_running_stats=False).double()
+    assert torch.autograd.gradcheck(lambda t: m(t), (x,), atol=1e-6, rtol=1e-5)
+    # running statistics in training are detached: with momentum 0 they do not depend on the input at all,
+    # and the whole forward (running-estimate whitening, shrinkage, sample decorrelation) is checked
+    m0 = Whitening(4, eps=1e-2, train_stats="running", shrinkage=0.2, sample_decorrelation=0.6, momentum=0.0).double()
+    A = _rng(38).standard_normal((4, 4))
+    m0.running_cov.copy_(_t(A @ A.T + 0.5 * np.eye(4))[None])
+    m0.running_mean.copy_(_t(_rng(39).standard_normal(4)))
+    assert torch.autograd.gradcheck(lambda t: m0(t), (x,), atol=1e-6, rtol=1e-5)
+
+
+def test_whitening_running_train_stats_state_dict_round_trip():
+    torch.manual_seed(0)
+    kw = dict(centered=False, eps=1e-3, train_stats="running", shrinkage=0.1, sample_decorrelation=0.8)
+    m = Whitening(6, **kw)
+    for _ in range(3):
+        m(torch.randn(8, 6))
+    m2 = Whitening(6, **kw)
+    m2.load_state_dict(m.state_dict())
+    x = torch.randn(8, 6)
+    assert torch.equal(m(x), m2(x))  # training: same output and the same update of the buffers
+    assert torch.equal(m.running_cov, m2.running_cov) and int(m2.num_batches_tracked) == 4
+    m.eval(), m2.eval()
+    assert torch.equal(m(x), m2(x))
+    assert "train_stats='running'" in repr(m) and "sample_decorrelation=0.8" in repr(m)
+
+
+def test_whitening_new_options_are_checked():
+    with pytest.raises(ValueError, match="train_stats"):
+        Whitening(4, train_stats="eval")
+    with pytest.raises(ValueError, match="track_running_stats=True"):
+        Whitening(4, train_stats="running", track_running_stats=False)
+    with pytest.raises(ValueError, match="shrinkage"):
+        Whitening(4, shrinkage=1.5)
+    with pytest.raises(TypeError, match="shrinkage"):
+        Whitening(4, shrinkage=True)
+    with pytest.raises(ValueError, match="sample_decorrelation"):
+        Whitening(4, sample_decorrelation=1.0)  # YYᵀ is singular when rows outnumber channels
+    with pytest.raises(ValueError, match="sample_decorrelation"):
+        Whitening(4, sample_decorrelation=-0.5)
+    with pytest.raises(ValueError, match="more than one sample"):
+        Whitening(4, train_stats="running")(torch.randn(1, 4))
+    # eps = 0 with shrinkage: the shrunk covariance of a small batch is invertible
+    y = Whitening(8, eps=0.0, shrinkage=0.5, affine=False)(torch.randn(3, 8))
+    assert bool(torch.isfinite(y).all())

@@ -244,6 +244,36 @@ class Whitening(nn.Module):
             ``running_cov`` (``(groups, c, c)``, init I) and
             ``num_batches_tracked``, and use them in eval. ``False``: batch
             statistics in train and eval, no buffers.
+        train_stats: default ``"batch"``: training whitens with the batch
+            statistics (gradients flow through them). ``"running"``: training
+            folds the batch into the running estimates first (detached) and
+            whitens with them, i.e. with the map eval uses, so training and
+            eval see the same per-sample function (running statistics used
+            consistently, the idea of Ioffe, *Batch Renormalization: Towards
+            Reducing Minibatch Dependence in Batch-Normalized Models*, NeurIPS
+            2017, here without its batch correction). Needs
+            ``track_running_stats=True``.
+        shrinkage: default ``0.0``, α in [0, 1]: the covariance used (batch
+            or running, in training and eval) is shrunk toward its mean
+            eigenvalue, ``Σ_α = (1 − α)Σ + α·(tr Σ / c)·I`` before εI is added
+            (Ledoit & Wolf, *A well-conditioned estimator for large-dimensional
+            covariance matrices*, J. Multivariate Analysis 2004). It bounds the
+            gain of low-variance directions by ``(α·tr Σ / c)^{-1/2}`` instead
+            of ``ε^{-1/2}``; α = 1 is a per-group scalar normalization.
+        sample_decorrelation: default ``0.0``, ρ in [0, 1). In training only,
+            the whitened rows Y (N × C, N samples — times positions for spatial
+            inputs — over all C channels, before the affine map) are
+            decorrelated *across samples*:
+            ``Y ← √k̄ (ρYYᵀ + (1 − ρ)k̄I)^{-1/2} Y`` with ``k̄ = tr(YYᵀ)/N``
+            (computed on the smaller side, ``= √k̄ Y (ρYᵀY + (1 − ρ)k̄I)^{-1/2}``).
+            Each eigenvalue k of YYᵀ becomes ``k̄·k / (ρk + (1 − ρ)k̄)``: the
+            spread around k̄ shrinks by about ρ's complement and large ones
+            are capped at ``k̄/ρ``; ρ → 1 is the polar factor ``YYᵀ ∝ I``. Why:
+            the isotropy note's condition for parameter-space steepest
+            descent to be feature-space steepest descent is ``XXᵀ ∝ I`` over
+            the batch, which per-sample (population) whitening meets only up
+            to fluctuations of relative size ~√(N/C). Eval applies no such
+            step (one sample at a time, the map of the running statistics).
     """
 
     def __init__(
@@ -257,6 +287,9 @@ class Whitening(nn.Module):
         iters: int | None = None,
         affine: bool = True,
         track_running_stats: bool = True,
+        train_stats: str = "batch",
+        shrinkage: float = 0.0,
+        sample_decorrelation: float = 0.0,
     ) -> None:
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
@@ -277,6 +310,14 @@ class Whitening(nn.Module):
         self.iters = iters
         self.affine = check_flag("affine", affine)
         self.track_running_stats = check_flag("track_running_stats", track_running_stats)
+        if train_stats not in ("batch", "running"):
+            raise ValueError(f"train_stats must be 'batch' or 'running', got {train_stats!r}")
+        if train_stats == "running" and not self.track_running_stats:
+            raise ValueError("train_stats='running' whitens with the running statistics: it needs track_running_stats=True")
+        self.train_stats = train_stats
+        self.shrinkage = check_number("shrinkage", shrinkage, low=0.0, high=1.0)
+        self.sample_decorrelation = check_number("sample_decorrelation", sample_decorrelation, low=0.0, high=1.0,
+                                                 high_open=True)
         c = num_features // groups
         if self.affine:
             self.weight = nn.Parameter(torch.ones(num_features))
@@ -296,7 +337,9 @@ class Whitening(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, centered={self.centered}, groups={self.groups}, eps={self.eps}, "
-            f"momentum={self.momentum}, method={self.method!r}, iters={self.iters}, affine={self.affine}"
+            f"momentum={self.momentum}, method={self.method!r}, iters={self.iters}, affine={self.affine}, "
+            f"train_stats={self.train_stats!r}, shrinkage={self.shrinkage}, "
+            f"sample_decorrelation={self.sample_decorrelation}"
         )
 
     def _inv_sqrt(self, S: Tensor) -> Tensor:
@@ -315,6 +358,24 @@ class Whitening(nn.Module):
         c = S.shape[-1]
         tr = torch.diagonal(S.detach(), dim1=-2, dim2=-1).sum(-1).clamp_min(0)
         return torch.clamp_min(c * torch.finfo(torch.float64).eps * tr, self.eps)[:, None, None]
+
+    @staticmethod
+    def _mean_eig(S: Tensor) -> Tensor:
+        """``tr S / c`` per group, shaped to broadcast against (G, c, c); the target scale of the shrinkage."""
+        return torch.diagonal(S, dim1=-2, dim2=-1).mean(-1).clamp_min(0)[:, None, None]
+
+    def _decorrelate_samples(self, y: Tensor) -> Tensor:
+        """``√k̄ (ρYYᵀ + (1 − ρ)k̄I)^{-1/2} Y`` on the smaller side (see ``sample_decorrelation``)."""
+        n, C = y.shape
+        rho = self.sample_decorrelation
+        small = n <= C
+        K = y @ y.mT if small else y.mT @ y
+        kbar = torch.diagonal(K).sum() / n
+        if not bool(kbar > 0):  # all rows zero: nothing to decorrelate
+            return y
+        eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+        R = self._inv_sqrt(rho * K + (1 - rho) * kbar * eye)
+        return kbar.sqrt() * (R @ y if small else y @ R)
 
     def _check_nonsingular(self, S: Tensor, what: str) -> None:
         if self.eps == 0:
@@ -353,12 +414,14 @@ class Whitening(nn.Module):
         flat = xs.movedim(1, -1).reshape(-1, C)
         n = flat.shape[0]
         grouped = flat.reshape(n, G, c).transpose(0, 1)  # (G, N, c)
-        use_batch = self.training or not self.track_running_stats
+        use_batch = (self.training and self.train_stats == "batch") or not self.track_running_stats
         eye_c = torch.eye(c, dtype=xs.dtype, device=xs.device)
+        if self.training and n < 2:
+            raise ValueError(f"Whitening in training mode needs more than one sample per channel, got input of shape {tuple(x.shape)}")
         if use_batch:
             if n < 2:
-                raise ValueError(f"Whitening in training mode needs more than one sample per channel, got input of shape {tuple(x.shape)}")
-            if self.eps == 0 and n <= c:
+                raise ValueError(f"Whitening with batch statistics needs more than one sample per channel, got input of shape {tuple(x.shape)}")
+            if self.eps == 0 and self.shrinkage == 0 and n <= c:
                 raise ValueError(f"Whitening with eps=0 needs more samples ({n}) than channels per group ({c}); set eps > 0 or groups > 1")
             if self.centered:
                 mean = grouped.mean(dim=1, keepdim=True)  # (G, 1, c)
@@ -367,28 +430,41 @@ class Whitening(nn.Module):
                 mean = None
                 xc = grouped
             cov = xc.mT @ xc / n  # (G, c, c)
-            eps = self._eps_for(cov)
+            a = self.shrinkage
+            # Σ_α + εI = (1 − α)Σ + βI with β = α·tr Σ / c + ε
+            beta = a * self._mean_eig(cov) + self._eps_for(cov)
             if n <= c:
                 # fewer samples than channels: the same map on the n × n side,
-                # xc (xcᵀxc/n + εI)^{-1/2} = √n (xc xcᵀ + nεI)^{-1/2} xc (cheaper, no
-                # c − n repeated eigenvalues ε in the covariance)
-                K = xc @ xc.mT + (n * eps) * torch.eye(n, dtype=xc.dtype, device=xc.device)
+                # xc ((1 − α)xcᵀxc/n + βI)^{-1/2} = √n ((1 − α)xc xcᵀ + nβI)^{-1/2} xc (cheaper, no
+                # c − n repeated eigenvalues β in the covariance)
+                K = (1 - a) * (xc @ xc.mT) + (n * beta) * torch.eye(n, dtype=xc.dtype, device=xc.device)
                 y_small = math.sqrt(n) * (self._inv_sqrt(K) @ xc)
             else:
-                self._check_nonsingular(cov, "the batch covariance")
-                y_small = xc @ self._inv_sqrt(cov + eps * eye_c)
+                S = (1 - a) * cov + beta * eye_c
+                self._check_nonsingular(S, "the batch covariance")
+                y_small = xc @ self._inv_sqrt(S)
             if self.training and self.track_running_stats:
                 with torch.no_grad():
                     self._update_running(mean, cov, n)
         else:
+            if self.training:
+                # train_stats="running": fold the batch in first, then whiten as eval does
+                with torch.no_grad():
+                    mean = grouped.mean(dim=1, keepdim=True) if self.centered else None
+                    xb = grouped - mean if self.centered else grouped
+                    self._update_running(mean, xb.mT @ xb / n, n)
             cov = self.running_cov.to(xs.dtype)
             # the stored (rounded) covariance can have slightly negative eigenvalues: use its PSD part
             lam, Q = torch.linalg.eigh(0.5 * (cov + cov.mT))
             cov = (Q * lam.clamp_min(0).unsqueeze(-2)) @ Q.mT
+            if self.shrinkage:
+                cov = (1 - self.shrinkage) * cov + (self.shrinkage * self._mean_eig(cov)) * eye_c
             self._check_nonsingular(cov, "running_cov")
             xc = grouped - self.running_mean.to(xs.dtype).reshape(G, 1, c) if self.centered else grouped
             y_small = xc @ self._inv_sqrt(cov + self._eps_for(cov) * eye_c)
         y = y_small.transpose(0, 1).reshape(n, C)
+        if self.training and self.sample_decorrelation:
+            y = self._decorrelate_samples(y)
         if self.affine:
             y = y * self.weight.to(y.dtype) + self.bias.to(y.dtype)
         shape = (x.shape[0], *x.shape[2:], C)
