@@ -43,6 +43,11 @@ MAKERS = {
     "eg_tensor": lambda ps, **kw: EGStepSize(ps, lr=0.05, gamma=0.5, granularity="tensor", **kw),
     "eg_global": lambda ps, **kw: EGStepSize(ps, lr=0.05, gamma=0.5, granularity="global", **kw),
     "egdd": lambda ps, **kw: EGDD(ps, lr=0.05, momentum=0.9, **kw),
+    "eg_cosine_tensor": lambda ps, **kw: EGStepSize(ps, lr=0.05, gamma=0.2, granularity="tensor", nu0=0.1, beta=0.9,
+                                                    normalize=True, **kw),
+    "eg_cosine_global": lambda ps, **kw: EGStepSize(ps, lr=0.05, gamma=0.2, granularity="global", nu0=0.1, beta=0.9,
+                                                    normalize=True, **kw),
+    "egdd_s0": lambda ps, **kw: EGDD(ps, lr=0.05, momentum=0.9, scale_lr=0.1, initial_scale=0.1, min_scale=1e-3, **kw),
     "hypergradient": lambda ps, **kw: HypergradientSGD(ps, lr=0.05, hypergrad_lr=1e-3, **kw),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}

@@ -44,6 +44,14 @@ CASES = {
     "eg_tensor": (lambda ps, **kw: EGStepSize(ps, lr=0.05, gamma=0.5, granularity="tensor", **kw), "raise"),
     "eg_global": (lambda ps, **kw: EGStepSize(ps, lr=0.05, gamma=0.5, granularity="global", **kw), "raise"),
     "egdd": (lambda ps, **kw: EGDD(ps, lr=0.05, momentum=0.9, gain_lr=0.1, scale_lr=0.1, **kw), "raise"),
+    "eg_cosine_coordinate": (lambda ps, **kw: EGStepSize(ps, lr=0.05, gamma=0.2, nu0=0.1, beta=0.9, normalize=True,
+                                                         **kw), "raise"),
+    "eg_cosine_tensor": (lambda ps, **kw: EGStepSize(ps, lr=0.05, gamma=0.2, granularity="tensor", nu0=0.1,
+                                                     beta=0.9, normalize=True, **kw), "raise"),
+    "eg_cosine_global": (lambda ps, **kw: EGStepSize(ps, lr=0.05, gamma=0.2, granularity="global", nu0=0.1,
+                                                     beta=0.9, normalize=True, **kw), "raise"),
+    "egdd_s0": (lambda ps, **kw: EGDD(ps, lr=0.05, momentum=0.9, scale_lr=0.1, initial_scale=0.1, min_scale=1e-3,
+                                      **kw), "raise"),
     "hypergradient": (lambda ps, **kw: HypergradientSGD(ps, lr=0.05, hypergrad_lr=1e-3, **kw), "raise"),
 }
 NAMES = sorted(CASES)
@@ -154,7 +162,7 @@ def test_lr_scheduler_drives_the_step(name):
     for g in opt.param_groups:
         if name == "hypergradient":
             g["hypergrad_lr"] = 0.0
-        if name == "egdd":  # lr sits inside its momentum buffer (Lingvo's form): the buffer coasts on
+        if name.startswith("egdd"):  # lr sits inside its momentum buffer (Lingvo's form): the buffer coasts on
             g["momentum"] = 0.0
     before = _snapshot(ps)
     _run(opt, ps, range(1, 2))

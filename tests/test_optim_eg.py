@@ -52,12 +52,12 @@ def test_egdd_published_unit_test_values(use_signs, var2, mom2, gain2):
     np.testing.assert_allclose(float(st_["scale"]), 1.0007, atol=1e-4)
 
 
-def _egdd_numpy(theta, grads, lr, mu, beta, eta_p, eta_s, use_signs, use_directions, lo_p, hi_p, lo_s, hi_s):
+def _egdd_numpy(theta, grads, lr, mu, beta, eta_p, eta_s, use_signs, use_directions, lo_p, hi_p, lo_s, hi_s, s0=1.0):
     theta = np.array(theta, dtype=np.float64)
     m = np.zeros_like(theta)
     gbar = np.zeros_like(theta)
     p = np.ones_like(theta)
-    s = 1.0
+    s = s0
     for t, g in enumerate(grads, start=1):
         g = np.asarray(g, dtype=np.float64)
         if use_directions:
@@ -215,6 +215,166 @@ def test_global_rate_is_per_param_group():
     assert opt.param_groups[1]["nu"] == pytest.approx(math.exp(0.0))
 
 
+# --------------------------------------------------------------------------- bounded variants (nu0, beta, normalize)
+def _eg_reference(theta, grads, *, lr, gamma, granularity, nu0, beta, normalize):
+    """A float64 numpy loop of the rule as the docstring states it (ḡ_{−1} = 0, ν_0 = nu0)."""
+    theta = [t.copy() for t in theta]
+    avg = [np.zeros_like(t) for t in theta]
+    if granularity == "coordinate":
+        nus = [np.full_like(t, nu0) for t in theta]
+    else:
+        nus = [nu0] * (1 if granularity == "global" else len(theta))
+
+    def cos(a, b):
+        a, b = np.concatenate([x.ravel() for x in a]), np.concatenate([x.ravel() for x in b])
+        den = np.linalg.norm(a) * np.linalg.norm(b)
+        return float(a @ b / den) if den > 0 else 0.0
+
+    for gs in grads:
+        if granularity == "coordinate":
+            arg = [np.sign(a) * np.sign(g) if normalize else a * g for a, g in zip(avg, gs)]
+        elif granularity == "tensor":
+            arg = [cos([a], [g]) if normalize else float((a * g).sum()) for a, g in zip(avg, gs)]
+        else:
+            arg = [cos(avg, gs) if normalize else sum(float((a * g).sum()) for a, g in zip(avg, gs))]
+        nus = [nu * np.exp(gamma * x) for nu, x in zip(nus, arg)]
+        per = nus * len(theta) if granularity == "global" else nus
+        theta = [t - lr * nu * g for t, nu, g in zip(theta, per, gs)]
+        avg = [beta * a + (1 - beta) * g for a, g in zip(avg, gs)]
+    return theta, nus
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), granularity=st.sampled_from(["coordinate", "tensor", "global"]),
+       normalize=st.booleans(), beta=st.sampled_from([0.0, 0.7]), nu0=st.sampled_from([None, 0.05]),
+       steps=st.integers(1, 8))
+def test_eg_step_size_options_match_a_float64_loop(seed, granularity, normalize, beta, nu0, steps):
+    rng = np.random.default_rng(seed)
+    shapes = [(3, 4), (5,)]
+    theta = [rng.normal(size=sh) for sh in shapes]
+    # some exact zeros: the cosine's 0/0 and the sign's 0 are part of the rule
+    grads = [[rng.normal(size=sh) * (rng.random(sh) > 0.2) for sh in shapes] for _ in range(steps)]
+    lr, gamma = 0.07, 0.3
+    params = [torch.nn.Parameter(torch.tensor(t)) for t in theta]
+    opt = EGStepSize(params, lr=lr, gamma=gamma, granularity=granularity, nu0=nu0, beta=beta, normalize=normalize)
+    for gs in grads:
+        _feed(opt, params, gs)
+    ref, nus = _eg_reference(theta, grads, lr=lr, gamma=gamma, granularity=granularity,
+                             nu0=1.0 if nu0 is None else nu0, beta=beta, normalize=normalize)
+    for p, r in zip(params, ref):
+        np.testing.assert_allclose(p.detach().numpy(), r, rtol=1e-10, atol=1e-12)
+    got = opt.nus()[0]
+    for nu_got, nu_ref in zip(got, nus * (len(shapes) if granularity == "global" else 1)):
+        np.testing.assert_allclose(torch.as_tensor(nu_got, dtype=torch.float64).numpy(), nu_ref, rtol=1e-10)
+
+
+def test_nu0_scales_the_first_step():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(4, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    g = torch.randn(4, 3)
+    o1 = EGStepSize([a], lr=0.3, gamma=5.0, granularity="tensor", nu0=0.01, normalize=True)
+    o2 = torch.optim.SGD([b], lr=0.3 * 0.01)
+    _feed(o1, [a], [g])
+    _feed(o2, [b], [g])
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert float(o1.state[a]["nu"]) == pytest.approx(0.01)  # no past gradient yet: the rate has not moved
+
+
+@pytest.mark.parametrize("granularity", ["coordinate", "tensor", "global"])
+def test_normalized_rate_moves_at_most_gamma_per_step_whatever_the_gradient_size(granularity):
+    """|Δ log ν| ≤ γ with normalize=True; the inner product with the same γ throws ν to the dtype's edge."""
+    gamma = 0.1
+    seq = [[1.0, -2.0, 3.0], [1e30, -1e30, -2e30], [-3e35, 1e35, 1e36], [1e-30, 1e-30, -1e-30]]
+    for normalize in (True, False):
+        p = torch.nn.Parameter(torch.zeros(3))
+        opt = EGStepSize([p], lr=0.0, gamma=gamma, granularity=granularity, normalize=normalize)
+        logs = [0.0]
+        for g in seq:
+            _feed(opt, [p], [g])
+            nu = opt.nus()[0][0]
+            logs.append(float(torch.log(torch.as_tensor(nu, dtype=torch.float64)).max()))
+        steps = np.abs(np.diff(logs))
+        if normalize:
+            assert steps.max() <= gamma * (1 + 1e-6)
+            assert steps.max() >= 0.5 * gamma  # it does move
+        else:
+            assert steps.max() > 50.0
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), granularity=st.sampled_from(["coordinate", "tensor", "global"]),
+       scale=st.sampled_from([1e-6, 1e-2, 1e3, 1e8]))
+def test_normalized_rates_do_not_depend_on_the_gradient_scale(seed, granularity, scale):
+    """Scaling every gradient by c > 0 leaves the cosine, hence ν, unchanged (lr 0 keeps θ fixed)."""
+    rng = np.random.default_rng(seed)
+    grads = [rng.normal(size=(2, 5)) for _ in range(6)]
+    out = []
+    for c in (1.0, scale):
+        p = torch.nn.Parameter(torch.zeros(2, 5, dtype=torch.float64))
+        opt = EGStepSize([p], lr=0.0, gamma=0.4, granularity=granularity, nu0=0.2, beta=0.5, normalize=True)
+        for g in grads:
+            _feed(opt, [p], [c * g])
+        out.append(torch.as_tensor(opt.nus()[0][0], dtype=torch.float64).numpy())
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-10)
+
+
+def test_averaged_rate_follows_the_running_average():
+    """β > 0: the rate uses ḡ_{t−1} = Σ_k (1−β) β^{t−1−k} g_k, not g_{t−1} (hand-computed, tensor rate)."""
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = EGStepSize([p], lr=0.0, gamma=1.0, granularity="tensor", beta=0.5)
+    for g in ([2.0, 0.0], [0.0, 4.0], [1.0, 1.0]):
+        _feed(opt, [p], [g])
+    # ḡ_0 = [1, 0], ḡ_1 = [0.5, 2]; products: ⟨ḡ_0, g_1⟩ = 0, ⟨ḡ_1, g_2⟩ = 2.5
+    assert float(opt.state[p]["nu"]) == pytest.approx(math.exp(2.5))
+    np.testing.assert_allclose(opt.state[p]["prev_grad"].numpy(), [0.75, 1.5])
+
+
+def test_egdd_initial_scale_matches_the_reference():
+    rng = np.random.default_rng(7)
+    theta0 = rng.normal(size=6)
+    grads = rng.normal(size=(10, 6))
+    kw = dict(lr=0.05, mu=0.9, beta=0.9, eta_p=0.01, eta_s=0.2, use_signs=True, use_directions=True,
+              lo_p=0.01, hi_p=100.0, lo_s=1e-4, hi_s=1e4)
+    ref_theta, ref_p, ref_s = _egdd_numpy(theta0, grads, s0=0.01, **kw)
+    var = torch.nn.Parameter(torch.tensor(theta0))
+    opt = EGDD([var], lr=kw["lr"], momentum=kw["mu"], scale_lr=kw["eta_s"], min_scale=kw["lo_s"],
+               max_scale=kw["hi_s"], initial_scale=0.01)
+    _feed(opt, [var], [grads[0]])
+    np.testing.assert_allclose(var.detach().numpy(), theta0 - 0.01 * kw["lr"] * grads[0], rtol=1e-12)
+    for g in grads[1:]:
+        _feed(opt, [var], [g])
+    np.testing.assert_allclose(var.detach().numpy(), ref_theta, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(float(opt.state[var]["scale"]), ref_s, rtol=1e-6)  # a float32 slot
+
+
+@pytest.mark.parametrize(
+    "factory, match",
+    [
+        (lambda p: EGStepSize(p, lr=0.1, gamma=0.1, nu0=0.0), "nu0 must be > 0"),
+        (lambda p: EGStepSize(p, lr=0.1, gamma=0.1, nu0=math.nan), "nu0 must be finite"),
+        (lambda p: EGStepSize(p, lr=0.1, gamma=0.1, nu0=0.01, nu_min=0.1), r"nu0 must lie in \[nu_min, nu_max\]"),
+        (lambda p: EGStepSize(p, lr=0.1, gamma=0.1, beta=1.0), "beta must be < 1"),
+        (lambda p: EGStepSize(p, lr=0.1, gamma=0.1, beta=-0.5), "beta must be >= 0"),
+        (lambda p: EGStepSize(p, lr=0.1, gamma=0.1, normalize="yes"), "normalize must be True or False"),
+        (lambda p: EGDD(p, lr=0.1, momentum=0.9, initial_scale=0.0), "initial_scale must be > 0"),
+        (lambda p: EGDD(p, lr=0.1, momentum=0.9, initial_scale=0.01), "min_scale <= initial_scale <= max_scale"),
+        (lambda p: EGDD(p, lr=0.1, momentum=0.9, initial_scale=50.0), "min_scale <= initial_scale <= max_scale"),
+    ],
+)
+def test_bad_option_values_raise_naming_the_argument(factory, match):
+    p = [torch.nn.Parameter(torch.ones(3))]
+    with pytest.raises((ValueError, TypeError), match=match):
+        factory(p)
+
+
+def test_explicit_nu0_is_the_starting_rate_in_every_granularity():
+    p = torch.nn.Parameter(torch.zeros(3))
+    for gran in ("coordinate", "tensor", "global"):
+        opt = EGStepSize([p], lr=0.1, gamma=0.1, granularity=gran, nu0=0.25, nu_min=0.1)
+        assert opt.nus()[0][0] == 0.25 and opt.nu_stats()[0]["geo_mean"] == pytest.approx(0.25)
+
+
 # --------------------------------------------------------------------------- EGD
 @SETTINGS
 @given(seed=st.integers(0, 2**31 - 1), simplex=st.booleans(), steps=st.integers(1, 6))
@@ -341,12 +501,17 @@ def _make(kind, params):
         return EGStepSize(params, lr=0.05, gamma=0.5, granularity=kind[3:], nu_min=1e-3, nu_max=1e3)
     if kind == "egdd":
         return EGDD(params, lr=0.05, momentum=0.9)
+    if kind.startswith("cos_"):
+        return EGStepSize(params, lr=0.05, gamma=0.3, granularity=kind[4:], nu0=0.1, beta=0.9, normalize=True)
+    if kind == "egdd_s0":
+        return EGDD(params, lr=0.05, momentum=0.9, scale_lr=0.1, initial_scale=0.1, min_scale=1e-3)
     if kind == "hd":
         return HypergradientSGD(params, lr=0.05, hypergrad_lr=0.01)
     raise AssertionError(kind)
 
 
-KINDS = ["egd", "egd_simplex", "eg_coordinate", "eg_tensor", "eg_global", "egdd", "hd"]
+KINDS = ["egd", "egd_simplex", "eg_coordinate", "eg_tensor", "eg_global", "egdd", "hd", "cos_coordinate", "cos_tensor",
+         "cos_global", "egdd_s0"]
 
 
 def _train(model, opt, steps, seed):
@@ -418,7 +583,7 @@ def test_nan_gradient_raises_and_changes_nothing(kind):
         (lambda p: EGDD(p, lr=0.1, momentum=0.9, beta=-0.1), "beta must be >= 0"),
         (lambda p: EGDD(p, lr=0.1, momentum=0.9, gain_lr=-1.0), "gain_lr must be >= 0"),
         (lambda p: EGDD(p, lr=0.1, momentum=0.9, min_gain=2.0), "min_gain <= 1 <= max_gain"),
-        (lambda p: EGDD(p, lr=0.1, momentum=0.9, max_scale=0.5), "min_scale <= 1 <= max_scale"),
+        (lambda p: EGDD(p, lr=0.1, momentum=0.9, max_scale=0.5), "min_scale <= initial_scale <= max_scale"),
         (lambda p: HypergradientSGD(p, lr=-0.1, hypergrad_lr=0.1), "lr must be >= 0"),
         (lambda p: HypergradientSGD(p, lr=0.1, hypergrad_lr=math.inf), "hypergrad_lr must be finite"),
         (lambda p: EGStepSize(p, lr="0.1", gamma=0.1), "lr must be a real number"),

@@ -50,10 +50,35 @@ GRANULARITIES = ("coordinate", "tensor", "global")
 
 # --------------------------------------------------------------------------- helpers
 def _nu0(group: dict[str, Any]) -> float:
-    """The initial rate: 1, moved into [nu_min, nu_max]."""
+    """The initial rate: ``nu0`` when given (checked to lie in the bounds), else 1 moved into [nu_min, nu_max]."""
+    if group.get("nu0") is not None:
+        return float(group["nu0"])
     lo, hi = group["nu_min"], group["nu_max"]
     nu = 1.0 if lo is None else max(1.0, lo)
     return nu if hi is None else min(nu, hi)
+
+
+def _cosine(prev_grads: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+    """cos(a, b) of the concatenated ``prev_grads`` (a) and ``grads`` (b), in float64; 0 when either is zero.
+
+    Both sides are divided by their largest entry first, so the squares cannot overflow.
+    """
+    a = [x.double() for x in prev_grads]
+    b = [x.double() for x in grads]
+    if not a:
+        return torch.zeros((), dtype=torch.float64)
+    one = torch.ones((), dtype=torch.float64, device=a[0].device)
+
+    def scale(xs: list[Tensor]) -> Tensor:
+        m = torch.stack([x.abs().amax() if x.numel() else 0.0 * one for x in xs]).amax()
+        return torch.where(m > 0, m, one)
+
+    sa, sb = scale(a), scale(b)
+    dot = sum((torch.sum((x / sa) * (y / sb)) for x, y in zip(a, b, strict=True)), 0.0 * one)
+    na = torch.sqrt(sum((torch.sum((x / sa) ** 2) for x in a), 0.0 * one))
+    nb = torch.sqrt(sum((torch.sum((y / sb) ** 2) for y in b), 0.0 * one))
+    den = na * nb
+    return torch.where(den > 0, dot / torch.where(den > 0, den, one), 0.0 * one).clamp(-1.0, 1.0)
 
 
 def _smallest(dtype: torch.dtype) -> float:
@@ -197,7 +222,7 @@ class EGD(SteepestOptimizer):
 # --------------------------------------------------------------------------- EG step sizes
 def eg_nu_update(nus: Sequence[Tensor], prev_grads: Sequence[Tensor], grads: Sequence[Tensor], *,
                  gamma: float, granularity: str = "coordinate", nu_min: float | None = None,
-                 nu_max: float | None = None) -> list[Tensor]:
+                 nu_max: float | None = None, normalize: bool = False) -> list[Tensor]:
     """The EG note's rate update ``ν_{t+1} = ν_t ⊙ exp(γ g_{t−1} ⊙ g_t)``, clipped to optional bounds.
 
     ``granularity``: ``"coordinate"`` — one ν per entry (``nus`` shaped like the
@@ -208,26 +233,46 @@ def eg_nu_update(nus: Sequence[Tensor], prev_grads: Sequence[Tensor], grads: Seq
     loss with respect to the shared rate. With ν_0 = 1:
     ``ν_{t+1} = exp(γ Σ_{k≤t} g_{k−1} g_k)`` (Su, kexue.fm/archives/8968, eq. 12;
     simplified from Amid et al. 2022). Values saturate in the dtype's finite range.
+
+    ``normalize=True`` replaces the inner product by the cosine
+    ``cos(g_{t−1}, g_t) = ⟨g_{t−1}, g_t⟩ / (‖g_{t−1}‖ ‖g_t‖)`` over the same coordinates
+    (0 when either is zero; per coordinate it is ``sign(g_{t−1,i}) sign(g_{t,i})``):
+    the hypergradient's sign with a bounded size, so ``|Δ log ν| ≤ γ`` per step
+    whatever the scale of the gradients — the direction-only scale update of EGDD
+    (Amid et al. 2022; TF Lingvo ``egdd.py``). ``prev_grads`` may be any past-gradient
+    summary, e.g. an average (see :class:`EGStepSize`'s ``beta``).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     lo = -math.inf if nu_min is None else nu_min
     hi = math.inf if nu_max is None else nu_max
     if granularity == "coordinate":
-        # the product of two huge gradients may overflow: saturate it (inf·γ with γ = 0 would be NaN)
-        out = [_exp_scale(nu, gamma * _saturate(gp.to(nu.dtype) * g.to(nu.dtype)))
-               for nu, gp, g in zip(nus, prev_grads, grads, strict=True)]
+        if normalize:
+            out = [_exp_scale(nu, gamma * (torch.sign(gp) * torch.sign(g)).to(nu.dtype))
+                   for nu, gp, g in zip(nus, prev_grads, grads, strict=True)]
+        else:
+            # the product of two huge gradients may overflow: saturate it (inf·γ with γ = 0 would be NaN)
+            out = [_exp_scale(nu, gamma * _saturate(gp.to(nu.dtype) * g.to(nu.dtype)))
+                   for nu, gp, g in zip(nus, prev_grads, grads, strict=True)]
     elif granularity == "tensor":
-        # float64 sums: ±1e60 terms would give inf − inf = NaN in float32
-        out = [_exp_scale(nu, _saturate(gamma * torch.sum(gp.double() * g.double())).to(nu.dtype))
-               for nu, gp, g in zip(nus, prev_grads, grads, strict=True)]
+        if normalize:
+            out = [_exp_scale(nu, (gamma * _cosine([gp], [g])).to(nu.dtype))
+                   for nu, gp, g in zip(nus, prev_grads, grads, strict=True)]
+        else:
+            # float64 sums: ±1e60 terms would give inf − inf = NaN in float32
+            out = [_exp_scale(nu, _saturate(gamma * torch.sum(gp.double() * g.double())).to(nu.dtype))
+                   for nu, gp, g in zip(nus, prev_grads, grads, strict=True)]
     else:
         if len(nus) != 1:
             raise ValueError(f"granularity='global' takes one ν, got {len(nus)}")
         (nu,) = nus
-        dot = sum((torch.sum(gp.double() * g.double()) for gp, g in zip(prev_grads, grads, strict=True)),
-                  torch.zeros((), dtype=torch.float64, device=nu.device))
-        out = [_exp_scale(nu, _saturate(gamma * dot).to(nu.dtype))]
+        if normalize:
+            arg = gamma * _cosine(list(prev_grads), list(grads)).to(nu.device)
+        else:
+            dot = sum((torch.sum(gp.double() * g.double()) for gp, g in zip(prev_grads, grads, strict=True)),
+                      torch.zeros((), dtype=torch.float64, device=nu.device))
+            arg = _saturate(gamma * dot)
+        out = [_exp_scale(nu, arg.to(nu.dtype))]
     if nu_min is not None or nu_max is not None:
         out = [nu.clamp(lo, hi) for nu in out]
     return out
@@ -251,11 +296,31 @@ class EGStepSize(SteepestOptimizer):
     *Step-size Adaptation Using Exponentiated Gradient Updates*, arXiv:2202.00145).
     The rule is derived for plain SGD; see the ``eg`` experiment for it on top of Adam.
 
+    Three options change the rule; their defaults give the note's rule exactly:
+
+    - ``nu0``: the initial rate ν_0. With ν_0 = 1 the first step is plain SGD at
+      ``lr``, taken before ν has seen any gradient, so an lr set too large wrecks the
+      model before the rule can react. ν_0 < 1 starts conservatively: an lr up to
+      1/ν_0 times too large still gives a first step no larger than the right one.
+    - ``beta``: the rate follows ``⟨ḡ_{t−1}, g_t⟩`` with ḡ the running average
+      ``ḡ_t = β ḡ_{t−1} + (1 − β) g_t`` (ḡ_{−1} = 0) instead of the last gradient. If
+      one rate ν had scaled all past steps, ``θ_t = θ_0 − lr ν Σ_k g_k``, then
+      ``−∂L(θ_t)/∂ log ν ∝ ⟨Σ_k g_k, g_t⟩``: the average is that hypergradient over a
+      horizon of about 1/(1 − β) steps, less noisy and less short-sighted than the
+      one-step ⟨g_{t−1}, g_t⟩ (β = 0).
+    - ``normalize``: the rate moves by ``exp(γ cos(ḡ_{t−1}, g_t))`` (per coordinate:
+      ``exp(γ sign(ḡ_{t−1,i}) sign(g_{t,i}))``), as EGDD's scale does (TF Lingvo
+      ``egdd.py``). ``log ν`` then changes by at most γ a step, whatever the size of
+      the gradients: growing ν by a factor R takes at least ``log(R)/γ`` steps, and
+      one blown-up gradient cannot move ν by orders of magnitude (with the inner
+      product, ``γ⟨g_{t−1}, g_t⟩`` scales with ‖g‖², so it can).
+
     Learned rates: :meth:`nu_stats` (min / geometric mean / mean / max over all
     coordinates, weighted by size) and :meth:`nus`.
 
     Args:
-        params: parameters or param groups (keys ``lr, gamma, granularity, nu_min, nu_max``).
+        params: parameters or param groups (keys ``lr, gamma, granularity, nu_min, nu_max,
+            nu0, beta, normalize``).
         lr: base step size η ≥ 0 (required).
         gamma: meta step size γ ≥ 0 of the rate update (required).
         granularity: ``"coordinate"`` (default; one ν per entry), ``"tensor"`` (one ν
@@ -263,6 +328,9 @@ class EGStepSize(SteepestOptimizer):
             updated with ``exp(γ ⟨g_{t−1}, g_t⟩)`` summed over their coordinates — the
             exact derivative of the loss with respect to that shared rate.
         nu_min, nu_max: optional bounds ν is clipped to (> 0; default off).
+        nu0: initial rate ν_0 > 0, inside the bounds (default None: 1, moved into the bounds).
+        beta: averaging β in [0, 1) of the past gradients the rate follows (default 0: g_{t−1}).
+        normalize: follow the cosine instead of the inner product (default False).
         record_every: every N-th step appends ``(step, nu_stats())`` to
             ``nu_history`` (a plain list, not part of ``state_dict``); 0 = off.
         nonfinite: ``"raise"`` (default) or ``"skip"``: what a NaN/Inf gradient does.
@@ -272,13 +340,14 @@ class EGStepSize(SteepestOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float, gamma: float, granularity: str = "coordinate",
                  nu_min: float | None = None, nu_max: float | None = None, record_every: int = 0, *,
+                 nu0: float | None = None, beta: float = 0.0, normalize: bool = False,
                  nonfinite: str = "raise") -> None:
         if isinstance(record_every, bool) or not isinstance(record_every, int) or record_every < 0:
             raise ValueError(f"record_every must be an int >= 0 (0 = off), got {record_every!r}")
         self.record_every = record_every
         self.nu_history: list[tuple[int, list[dict[str, float]]]] = []
-        super().__init__(params, dict(lr=lr, gamma=gamma, granularity=granularity,
-                                      nu_min=nu_min, nu_max=nu_max), nonfinite=nonfinite)
+        super().__init__(params, dict(lr=lr, gamma=gamma, granularity=granularity, nu_min=nu_min, nu_max=nu_max,
+                                      nu0=nu0, beta=beta, normalize=normalize), nonfinite=nonfinite)
 
     def _check_group(self, group: dict[str, Any], initial: bool = True) -> None:
         check_number("lr", group["lr"])
@@ -291,6 +360,13 @@ class EGStepSize(SteepestOptimizer):
             check_number("nu_max", hi, low_open=True)
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"nu_min must be <= nu_max, got nu_min={lo}, nu_max={hi}")
+        nu0 = group["nu0"]
+        if nu0 is not None:
+            v = check_number("nu0", nu0, low_open=True)
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                raise ValueError(f"nu0 must lie in [nu_min, nu_max], got nu0={v}, nu_min={lo}, nu_max={hi}")
+        check_number("beta", group["beta"], high=1.0, high_open=True)
+        check_flag("normalize", group["normalize"])
         if group["granularity"] == "global":
             group.setdefault("nu", _nu0(group))
         group.setdefault("step", 0)
@@ -330,11 +406,15 @@ class EGStepSize(SteepestOptimizer):
             else:
                 nus = [st["nu"] for st in states]
             new_nus = eg_nu_update(nus, prev, grads, gamma=group["gamma"], granularity=gran,
-                                   nu_min=group["nu_min"], nu_max=group["nu_max"])
+                                   nu_min=group["nu_min"], nu_max=group["nu_max"], normalize=group["normalize"])
             new_params = eg_step_size_step(params, grads, new_nus, lr=lr_value(group["lr"]))
+            beta = group["beta"]
             for p, st, g, newp in zip(params, states, grads, new_params):
                 p.copy_(newp)
-                st["prev_grad"].copy_(g)
+                if beta == 0:
+                    st["prev_grad"].copy_(g)  # the note's rule: exactly g_{t−1}
+                else:
+                    st["prev_grad"].mul_(beta).add_(g.to(st["prev_grad"].dtype), alpha=1.0 - beta)
             if gran == "global":
                 group["nu"] = float(new_nus[0])
             else:
@@ -447,18 +527,23 @@ class EGDD(SteepestOptimizer):
         use_signs: gains follow sign(g)·sign(ḡ) (default True) rather than g⊙ḡ.
         use_directions: the scale follows cos(g, m) (default True) rather than ⟨g, m⟩.
         min_gain, max_gain: gain bounds, min_gain ≤ 1 ≤ max_gain (default 0.01, 100).
-        min_scale, max_scale: scale bounds, min_scale ≤ 1 ≤ max_scale (default 0.1, 10).
+        min_scale, max_scale: scale bounds, min_scale ≤ initial_scale ≤ max_scale (default 0.1, 10).
+        initial_scale: s_0, the scale's starting value (default 1, Lingvo's). s_0 < 1 makes the first
+            steps conservative (an lr up to 1/s_0 times too large still starts no larger than the right
+            one), and the scale then grows by at most e^{η_s} a step: from s_0 to a factor R above it
+            takes at least ``log(R)/η_s`` steps.
         nonfinite: ``"raise"`` (default) or ``"skip"``: what a NaN/Inf gradient does.
     """
 
     def __init__(self, params: Iterable[Any], lr: float, momentum: float, beta: float = 0.9,
                  gain_lr: float = 0.01, scale_lr: float = 0.001, use_signs: bool = True,
                  use_directions: bool = True, min_gain: float = 0.01, max_gain: float = 100.0,
-                 min_scale: float = 0.1, max_scale: float = 10.0, *, nonfinite: str = "raise") -> None:
+                 min_scale: float = 0.1, max_scale: float = 10.0, *, initial_scale: float = 1.0,
+                 nonfinite: str = "raise") -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, beta=beta, gain_lr=gain_lr,
                                       scale_lr=scale_lr, use_signs=use_signs, use_directions=use_directions,
                                       min_gain=min_gain, max_gain=max_gain, min_scale=min_scale,
-                                      max_scale=max_scale), nonfinite=nonfinite)
+                                      max_scale=max_scale, initial_scale=initial_scale), nonfinite=nonfinite)
 
     _HYPER = ("lr", "momentum", "beta", "gain_lr", "scale_lr", "use_signs", "use_directions",
               "min_gain", "max_gain", "min_scale", "max_scale")
@@ -471,11 +556,13 @@ class EGDD(SteepestOptimizer):
         check_number("scale_lr", group["scale_lr"])
         check_flag("use_signs", group["use_signs"])
         check_flag("use_directions", group["use_directions"])
-        for lo, hi in (("min_gain", "max_gain"), ("min_scale", "max_scale")):
+        s0 = check_number("initial_scale", group["initial_scale"], low_open=True)
+        for lo, hi, start, what in (("min_gain", "max_gain", 1.0, "1"), ("min_scale", "max_scale", s0, "initial_scale")):
             a = check_number(lo, group[lo], low_open=True)
             b = check_number(hi, group[hi], low_open=True)
-            if a > 1.0 or b < 1.0:
-                raise ValueError(f"need {lo} <= 1 <= {hi} (the slot starts at 1), got {lo}={a}, {hi}={b}")
+            if a > start or b < start:
+                raise ValueError(f"need {lo} <= {what} <= {hi} (the slot starts at {what}), got {lo}={a}, "
+                                 f"{hi}={b}" + ("" if what == "1" else f", initial_scale={start}"))
 
     def _check_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         self._require(state, p, "momentum_buffer", "gbar", "gain")
@@ -495,7 +582,7 @@ class EGDD(SteepestOptimizer):
                     st["gbar"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     slot = slot_dtype(p.dtype)  # Lingvo keeps its learned scale in float32 whatever the variable
                     st["gain"] = torch.ones_like(p, dtype=slot, memory_format=torch.preserve_format)
-                    st["scale"] = torch.ones((), dtype=slot, device=p.device)
+                    st["scale"] = torch.full((), group["initial_scale"], dtype=slot, device=p.device)
                 st["step"] += 1
                 new = egdd_step(p, g, st["momentum_buffer"], st["gbar"], st["gain"], st["scale"], st["step"],
                                 **hyper)
