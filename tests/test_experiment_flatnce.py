@@ -107,3 +107,50 @@ def test_equal_steps_budget_and_the_grid_are_the_same_for_both_losses():
         assert E._epochs_budget(cfg, min(cfg["batches"])) > cfg["equal_steps"]  # small batches: more steps per epoch
     full = E._config(Context(Section("flatnce", "f"), ".", mode="full"))
     assert full["seeds"] >= 5 and full["bf16_seeds"] >= 3 and full["sel"] < full["seeds"]
+
+
+def test_queue_verdict_reads_the_gap_to_the_largest_batch():
+    assert E.queue_verdict({"infonce": [0.5, 1.0, 0.2], "flatnce": [-0.2, 0.3, 0.1]}) == "held"  # within 1 pp
+    assert E.queue_verdict({"infonce": [0.5, -2.5, 0.2], "flatnce": [0.2, 0.3, 0.1]}) == "partly held"
+    assert E.queue_verdict({"infonce": [-4.0, -3.0, -5.0], "flatnce": [-3.5, -2.0, -4.0]}) == "not held"
+    assert E.queue_verdict({"infonce": [-4.0, -3.0, -5.0]}, margin=5.0) == "partly held"
+    assert E.queue_verdict({"infonce": [2.0]}) == "not measured"  # one replicate: direction only
+    assert E.queue_verdict({}) == "not measured"
+
+
+def test_a_queue_run_uses_past_embeddings_as_negatives():
+    """Same seed and settings: the queue changes training (the logits get its columns) and is keyed apart."""
+    x = E.load_split(0)["xtr"][:64]
+    plain = E.Run("flatnce", 8, 0.5, 0, "fp32", 1e-3, budget=6)
+    queued = E.Run("flatnce", 8, 0.5, 0, "fp32", 1e-3, budget=6, queue=16)
+    assert plain.key != queued.key
+    a, b = E.train(x, plain), E.train(x, queued)
+    pa = torch.cat([p.flatten() for p in a.parameters()])
+    pb = torch.cat([p.flatten() for p in b.parameters()])
+    assert not torch.equal(pa, pb)
+    # the floor of log ξ counts the queued negatives (none at the first step, then up to 16)
+    assert math.isclose(plain.curve[0]["min_log_xi_floor"], E.xi_floor(8, 0.5), rel_tol=1e-12)
+    assert E.xi_floor(8, 0.5) < queued.curve[0]["min_log_xi_floor"] < E.xi_floor(8, 0.5, 16)
+
+
+def test_queue_arm_is_small_in_quick_mode_and_tuned_in_full_mode():
+    from steepest.report import Context, Section
+
+    quick = E._config(Context(Section("flatnce", "f"), ".", mode="quick"))
+    full = E._config(Context(Section("flatnce", "f"), ".", mode="full"))
+    assert quick["queue"] == full["queue"] == E.QUEUE and not quick["queue_grid"] and full["queue_grid"]
+
+
+def test_smoke_run_reports_the_queue_arm(tmp_path):
+    import json
+
+    from steepest.cli import main
+
+    assert main(["reproduce", "--smoke", "--only", "flatnce", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    sec = data["sections"]["flatnce"]
+    assert sec["error"] is None
+    q = sec["queue"]
+    assert q["batch"] == 8 and set(q["arms"]) == set(E.LOSSES) and q["selection_val_1shot"]  # own grid in smoke
+    assert any(r["queue"] == q["size"] for r in sec["runs"]) and any(r["queue"] == 0 for r in sec["runs"])
+    assert any("queue" in c["claim"] for c in data["claims"])

@@ -28,6 +28,16 @@ u₃₂ = 2⁻²⁴, a "bf16-loss" arm (float32 network, loss in bf16, u = 2⁻�
 pure-bfloat16 arm put the mechanism in reach at T = 0.1, so it can be seen whether
 it changes the comparison.
 
+A negative queue at batch 8: the small-batch remedy of MoCo (He et al., *Momentum
+Contrast for Unsupervised Visual Representation Learning*, arXiv:1911.05722) and
+lightly's memory bank — the last :data:`QUEUE` embeddings of earlier batches
+(:class:`steepest.losses.NegativeQueue`, the second view of each pair, enqueued after
+the step) as extra negatives of every anchor, for both losses, with the same encoder
+(no momentum encoder). Its temperature and lr are chosen on validation like the
+others' (quick mode: those chosen for batch 8 without the queue). Read on the test
+part beside the batch grid: the queue's effect at batch 8 and its distance to the
+largest batch (:func:`queue_verdict`).
+
 Measuring (``_job``: train and probe one run, in a worker with ``--jobs``) returns
 plain :class:`Run` records; ``_report`` and the functions it calls write them.
 """
@@ -45,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import flat_nce, info_nce, nce_diagnostics, pair_logits
+from ..losses import NegativeQueue, flat_nce, info_nce, nce_diagnostics, pair_logits
 from ..report import Context, plural
 from . import claim, full_command
 from ._data import digits_three_way
@@ -64,6 +74,10 @@ TEST_SIZE = 500  # images in each replicate's test part
 MECH_T = 0.1  # the temperature of the precision arms: where bf16 round-off can occur (see roundoff_reachable)
 LOSSES = ("infonce", "flatnce")
 STORED_FULL_RUN = "docs/results/flatnce-full/report.md"  # in the steepest repository
+# 256 queued embeddings: 14 + 256 negatives per anchor at batch 8, between batch 64 (126) and batch 256 (510);
+# without a momentum encoder the queue is at most 32 steps stale at batch 8
+QUEUE = 256
+QUEUE_MARGIN = 1.0  # percentage points: "closes the gap" allows batch 8 + queue this far below the largest batch
 
 
 # --------------------------------------------------------------------------- data and augmentation
@@ -129,9 +143,10 @@ class Net(nn.Module):
 U = {"fp32": 2.0**-24, "bf16": 2.0**-8}  # unit roundoff of the precision the loss is computed in
 
 
-def xi_floor(batch: int, temperature: float) -> float:
-    """The smallest log ξ cosine logits allow: every s_i − s_t ≥ −2/T over the 2B − 2 negatives."""
-    return math.log(2 * batch - 2) - 2.0 / temperature
+def xi_floor(batch: int, temperature: float, extra: int = 0) -> float:
+    """The smallest log ξ cosine logits allow: every s_i − s_t ≥ −2/T over the 2B − 2 negatives (and ``extra``
+    queued ones)."""
+    return math.log(2 * batch - 2 + extra) - 2.0 / temperature
 
 
 def roundoff_reachable(batch: int, temperature: float, u: float) -> bool:
@@ -177,10 +192,11 @@ class Run:
     probe_val: dict[str, float] = field(default_factory=dict)  # on the validation part
     curve: list[dict[str, float]] = field(default_factory=list)  # per epoch
     nonfinite: bool = False
+    queue: int = 0  # embeddings of earlier batches used as extra negatives (0: none)
 
     @property
-    def key(self) -> tuple[str, int, float, int, str, float, int]:
-        return (self.loss, self.batch, self.temperature, self.seed, self.precision, self.lr, self.budget)
+    def key(self) -> tuple[str, int, float, int, str, float, int, int]:
+        return (self.loss, self.batch, self.temperature, self.seed, self.precision, self.lr, self.budget, self.queue)
 
 
 def train(x: torch.Tensor, run: Run) -> Net:
@@ -195,6 +211,7 @@ def train(x: torch.Tensor, run: Run) -> Net:
     n = x.shape[0]
     per_epoch = n // run.batch
     stat_every = max(1, per_epoch // 8)
+    queue = NegativeQueue(run.queue, PROJ_DIM) if run.queue else None
     t0 = time.perf_counter()
     while run.steps < run.budget:
         perm = torch.randperm(n, generator=gen)
@@ -202,7 +219,7 @@ def train(x: torch.Tensor, run: Run) -> Net:
         for k in range(per_epoch):
             xb = x[perm[k * run.batch : (k + 1) * run.batch]]
             z1, z2 = net(torch.cat([augment(xb, gen), augment(xb, gen)]).to(dt)).chunk(2)
-            logits, target = pair_logits(z1, z2, run.temperature, dtype=cd)
+            logits, target = pair_logits(z1, z2, run.temperature, dtype=cd, negatives=queue)
             if run.loss == "flatnce":
                 loss = flat_nce(logits, target, value="info_nce", dtype=cd)
             else:
@@ -210,6 +227,8 @@ def train(x: torch.Tensor, run: Run) -> Net:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if queue is not None:  # after the loss: a batch is never its own queued negative
+                queue.enqueue(z2.detach().float())
             run.steps += 1
             if k % stat_every == 0:
                 d = nce_diagnostics(logits, target, xi_threshold=1e-3)
@@ -221,7 +240,7 @@ def train(x: torch.Tensor, run: Run) -> Net:
                         "below_fp32": d["share_below_resolution"],
                         "below_bf16": d16["share_below_resolution"],
                         "median_log10_xi": d["log10_xi_quantiles"][0.5],
-                        "min_log_xi_floor": xi_floor(run.batch, run.temperature),
+                        "min_log_xi_floor": xi_floor(run.batch, run.temperature, logits.shape[1] - (2 * run.batch - 1)),
                     }
                 )
             if run.steps >= run.budget:
@@ -326,6 +345,9 @@ def _config(ctx: Context) -> dict[str, Any]:
         full=dict(batches=[8, 16, 32, 64, 256], temps=[0.1, 0.2, 0.5], lrs=[1e-3, 3e-3], sel=2, seeds=5,
                   bf16_seeds=3, epochs=50, cap=None, bf16_loss=[8, 16], bf16=[8], draws=20, n_train=None),
     )  # bfloat16 matmul/conv has no fast CPU kernel here (~5-10x slower), hence the small pure-bf16 arm
+    # the queue arm at the smallest batch: its own T × lr grid, or (quick) the settings chosen there without it
+    cfg["queue"] = ctx.pick(16, QUEUE, QUEUE)
+    cfg["queue_grid"] = ctx.pick(True, False, True)
     cfg["n"] = cfg["n_train"] or (1797 - VAL_SIZE - TEST_SIZE)
     ref = 64 if 64 in cfg["batches"] else cfg["batches"][len(cfg["batches"]) // 2]
     cfg["equal_steps_ref"] = ref
@@ -381,8 +403,8 @@ class _Runs:
                          f"seed={done.seed} steps={done.steps}: val {done.probe_val} test {done.probe}")
 
     def get(self, loss: str, batch: int, t: float, lr: float, seeds: list[int], precision: str = "fp32",
-            budget: int = 0) -> list[Run]:
-        return [self.done[(loss, batch, t, s, precision, lr, budget)] for s in seeds]
+            budget: int = 0, queue: int = 0) -> list[Run]:
+        return [self.done[(loss, batch, t, s, precision, lr, budget, queue)] for s in seeds]
 
 
 def _val_score(runs: list[Run]) -> float:
@@ -398,11 +420,21 @@ def _measure(ctx: Context, cfg: dict[str, Any]) -> dict[str, Any]:
     sel_seeds = seeds[: cfg["sel"]]
     runs = _Runs(ctx, cfg)
     grid = [(t, lr) for t in cfg["temps"] for lr in cfg["lrs"]]
+    b0, nq = min(cfg["batches"]), cfg["queue"]
+    qbudget = _epochs_budget(cfg, b0)
+    qsel = [Run(loss, b0, t, s, "fp32", lr, qbudget, queue=nq) for loss in LOSSES for t, lr in grid
+            for s in sel_seeds] if cfg["queue_grid"] else []
     runs.run([Run(loss, b, t, s, "fp32", lr, _epochs_budget(cfg, b)) for b in cfg["batches"] for loss in LOSSES
-              for t, lr in grid for s in sel_seeds], "flatnce: temperature × lr grid (validation)")
+              for t, lr in grid for s in sel_seeds] + qsel, "flatnce: temperature × lr grid (validation)")
     scores = {(loss, b): {(t, lr): _val_score(runs.get(loss, b, t, lr, sel_seeds, budget=_epochs_budget(cfg, b)))
                           for t, lr in grid} for loss in LOSSES for b in cfg["batches"]}
     chosen = {k: choose(sc, higher=True) for k, sc in scores.items()}
+    if cfg["queue_grid"]:
+        q_scores = {loss: {(t, lr): _val_score(runs.get(loss, b0, t, lr, sel_seeds, budget=qbudget, queue=nq))
+                           for t, lr in grid} for loss in LOSSES}
+        q_chosen = {loss: choose(sc, higher=True) for loss, sc in q_scores.items()}
+    else:
+        q_scores, q_chosen = {}, {loss: chosen[(loss, b0)] for loss in LOSSES}
     # the precision arms run at T = MECH_T, each loss at its lr chosen for that temperature
     mech_lr = {k: choose({lr: sc[(MECH_T, lr)] for lr in cfg["lrs"]}, higher=True) for k, sc in scores.items()}
     plan = []
@@ -419,9 +451,11 @@ def _measure(ctx: Context, cfg: dict[str, Any]) -> dict[str, Any]:
                 plan += [Run(loss, b, MECH_T, s, "bf16-loss", lr, _epochs_budget(cfg, b)) for s in seeds]
             if b in cfg["bf16"]:
                 plan += [Run(loss, b, MECH_T, s, "bf16", lr, _epochs_budget(cfg, b)) for s in bf16_seeds]
-    runs.run(plan, "flatnce: evaluation runs (chosen settings, equal steps, precision arms)")
+    plan += [Run(loss, b0, t, s, "fp32", lr, qbudget, queue=nq) for loss, (t, lr) in q_chosen.items() for s in seeds]
+    runs.run(plan, "flatnce: evaluation runs (chosen settings, equal steps, precision arms, queue)")
     return {"runs": runs, "seeds": seeds, "sel_seeds": sel_seeds, "bf16_seeds": bf16_seeds, "scores": scores,
-            "chosen": chosen, "mech_lr": mech_lr, "mech_batches": mech_batches, "grid": grid}
+            "chosen": chosen, "mech_lr": mech_lr, "mech_batches": mech_batches, "grid": grid,
+            "queue": {"size": nq, "batch": b0, "chosen": q_chosen, "scores": q_scores}}
 
 
 def _arm(m: dict[str, Any], cfg: dict[str, Any], loss: str, b: int, budget: str) -> list[Run]:
@@ -434,6 +468,13 @@ def _arm(m: dict[str, Any], cfg: dict[str, Any], loss: str, b: int, budget: str)
 def _mech(m: dict[str, Any], cfg: dict[str, Any], loss: str, b: int, precision: str) -> list[Run]:
     seeds = m["bf16_seeds"] if precision == "bf16" else m["seeds"]
     return m["runs"].get(loss, b, MECH_T, m["mech_lr"][(loss, b)], seeds, precision, _epochs_budget(cfg, b))
+
+
+def _queue_arm(m: dict[str, Any], cfg: dict[str, Any], loss: str) -> list[Run]:
+    """The evaluation runs of ``loss`` at the smallest batch with the negative queue, at its chosen settings."""
+    q = m["queue"]
+    t, lr = q["chosen"][loss]
+    return m["runs"].get(loss, q["batch"], t, lr, m["seeds"], budget=_epochs_budget(cfg, q["batch"]), queue=q["size"])
 
 
 def _gap(f: list[Run], i: list[Run], key: str = "1-shot") -> list[float]:
@@ -461,6 +502,15 @@ def roundoff_verdict(growth: dict[str, list[float]], fp32_share: float | None) -
     if fp32_share is not None and "not measured" not in parts:
         parts.append("held" if fp32_share > 0 else "not held")
     return combine(parts)
+
+
+def queue_verdict(to_large: dict[str, list[float]], margin: float = QUEUE_MARGIN) -> str:
+    """Does a negative queue at batch 8 close the gap to the largest batch? Per loss, the paired test gaps
+    (batch 8 + queue) − (largest batch) in 1-shot accuracy (pp): held when the whole 95 % interval lies above
+    −``margin``, partly held when its mean does, not held otherwise; combined over the losses (:func:`combine`)."""
+    if not to_large:
+        return "not measured"
+    return combine([outcome(interval(g), above=-margin) for g in to_large.values()])
 
 
 def _claims(ctx: Context, m: dict[str, Any], cfg: dict[str, Any]) -> None:
@@ -518,6 +568,7 @@ def _report(ctx: Context, m: dict[str, Any], refs: dict[str, dict[str, float]], 
     _report_bound(ctx, m, cfg)
     _summary(ctx, m, cfg)
     _claims(ctx, m, cfg)
+    _report_queue(ctx, m, cfg)
     _plot_probe_vs_batch(ctx, m, cfg, refs)
     _plot_xi(ctx, m, cfg)
     ctx.result("references", refs)
@@ -528,8 +579,61 @@ def _report(ctx: Context, m: dict[str, Any], refs: dict[str, dict[str, float]], 
     ctx.result("selection_val_1shot", [{"loss": loss, "batch": b, "T": t, "lr": lr, "val_1shot": v}
                                        for (loss, b), sc in m["scores"].items() for (t, lr), v in sc.items()])
     ctx.result("runs", [{"loss": r.loss, "batch": r.batch, "T": r.temperature, "lr": r.lr, "seed": r.seed,
-                         "precision": r.precision, "budget": r.budget, "steps": r.steps, "seconds": r.seconds,
+                         "precision": r.precision, "budget": r.budget, "queue": r.queue, "steps": r.steps,
+                         "seconds": r.seconds,
                          **r.probe, "val": r.probe_val} for r in sorted(m["runs"].done.values(), key=lambda r: r.key)])
+
+
+def _report_queue(ctx: Context, m: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """Batch 8 with the negative queue beside the batch grid (equal epochs, each arm at its chosen settings)."""
+    q, seeds = m["queue"], m["seeds"]
+    b0, big = q["batch"], max(cfg["batches"])
+    rows, rec, to_large, to_plain = [], {}, {}, {}
+    for loss in LOSSES:
+        qr = _queue_arm(m, cfg, loss)
+        cells = [(f"batch {b}", _arm(m, cfg, loss, b, "epochs")) for b in cfg["batches"]]
+        cells.insert(1, (f"batch {b0} + queue of {q['size']}", qr))
+        for label, rs in cells:
+            rows.append([_LOSS[loss], label, rs[0].temperature, rs[0].lr, rs[0].steps,
+                         *[fmt_cell([r.probe[k] for r in rs], ".1f") for k in ("1-shot", "5-shot", "full")],
+                         f"{statistics.fmean(_tail(r, 'info_nce') for r in rs):.3g}"])
+        plain, large = _arm(m, cfg, loss, b0, "epochs"), _arm(m, cfg, loss, big, "epochs")
+        to_plain[loss], to_large[loss] = _gap(qr, plain), _gap(qr, large)
+        rec[loss] = {"T": qr[0].temperature, "lr": qr[0].lr, "steps": qr[0].steps, "seeds": [r.seed for r in qr],
+                     **{k: [r.probe[k] for r in qr] for k in ("1-shot", "5-shot", "full")},
+                     "plain_1shot": [r.probe["1-shot"] for r in plain],
+                     "largest_batch_1shot": [r.probe["1-shot"] for r in large],
+                     "queue_minus_plain_1shot": interval(to_plain[loss]).record("pp"),
+                     "queue_minus_largest_1shot": interval(to_large[loss]).record("pp"),
+                     "plain_minus_largest_1shot": interval(_gap(plain, large)).record("pp")}
+    grid_note = ("its temperature and lr chosen on validation from the same "
+                 f"{plural(len(m['grid']), 'candidate')} as the others" if cfg["queue_grid"] else
+                 f"at the temperature and lr chosen on validation for batch {b0} without the queue (`{ctx.mode}` mode "
+                 "keeps this arm small; the full run gives it its own grid)")
+    ctx.table(["loss", "arm", "T", "lr", "steps", "1-shot %", "5-shot %", "full %", "InfoNCE (end)"], rows, caption=(
+        f"**A negative queue at batch {b0}**: the {q['size']} most recent embeddings of earlier batches (second views, "
+        f"normalised, no gradient) as extra negatives of every anchor — {2 * b0 - 2 + q['size']} negatives instead of "
+        f"{2 * b0 - 2} — beside the batch grid; equal epochs ({plural(cfg['epochs'], 'epoch')}), probe accuracy on the "
+        f"test part, {n_caption(len(seeds), 'replicate')}. The queue arm runs {grid_note}; the rows without it are "
+        "those of the tables above. The InfoNCE value of the queue arm counts the queued negatives."), floatfmt=".3g")
+    ctx.table(["loss", f"(batch {b0} + queue) − batch {b0}", f"(batch {b0} + queue) − batch {big}",
+               f"batch {b0} − batch {big}"],
+              [[_LOSS[loss], _fmt_gap(to_plain[loss]), _fmt_gap(to_large[loss]),
+                _fmt_gap(_gap(_arm(m, cfg, loss, b0, "epochs"), _arm(m, cfg, loss, big, "epochs")))]
+               for loss in LOSSES],
+              caption="Paired 1-shot differences on the test part (percentage points), replicate by replicate.")
+    ctx.result("queue", {"size": q["size"], "batch": b0, "largest_batch": big, "own_grid": cfg["queue_grid"],
+                         "margin_pp": QUEUE_MARGIN, "arms": rec,
+                         "selection_val_1shot": [{"loss": loss, "T": t, "lr": lr, "val_1shot": v}
+                                                 for loss, sc in q["scores"].items() for (t, lr), v in sc.items()]})
+    few = len(seeds) < MIN_SEEDS
+    claim(ctx, "flatnce", f"At batch {b0}, a queue of {q['size']} past embeddings as extra negatives closes the gap to "
+          f"large batches: each loss at batch {b0} with the queue reaches the 1-shot probe accuracy of the largest "
+          f"batch ({big}) within {QUEUE_MARGIN:g} pp (equal epochs, settings chosen on validation)",
+          queue_verdict(to_large),
+          "; ".join(f"{_LOSS[loss]}: queue − batch {big} {_fmt_gap(to_large[loss])}, queue − no queue "
+                    f"{_fmt_gap(to_plain[loss])}" for loss in LOSSES) + (" (direction only)" if few else ""),
+          split="test", seeds=seeds, command=full_command("flatnce", jobs=True) if few else None)
 
 
 def _report_selection(ctx: Context, m: dict[str, Any], cfg: dict[str, Any]) -> None:
@@ -751,6 +855,13 @@ def _plot_probe_vs_batch(ctx: Context, m: dict[str, Any], cfg: dict[str, Any], r
                     values += [p[1] for p in pts if not math.isnan(p[1])]
                     ax.plot([p[0] * 2 ** dodge[(arm, loss)] for p in pts], [p[1] for p in pts], mk, ms=8, mew=2,
                             color=color, mfc="none", label=f"{_LOSS[loss]}, {arm}, T = {MECH_T:g}")
+        q = m["queue"]
+        for loss, dodge_q in (("infonce", -0.36), ("flatnce", -0.48)):
+            mq, sq = _ms([r.probe[key] for r in _queue_arm(m, cfg, loss)])
+            values += [mq] if not math.isnan(mq) else []
+            ax.errorbar([q["batch"] * 2 ** dodge_q], [mq], yerr=[sq] if n > 1 else None, marker="*", ms=11,
+                        color="C0" if loss == "flatnce" else "C1", mfc="none" if loss == "infonce" else None,
+                        capsize=3, ls="none", label=f"{_LOSS[loss]}, batch {q['batch']} + queue of {q['size']}")
         for name, ls in (("raw pixels", ":"), ("untrained encoder", "-.")):
             ax.axhline(refs[name][key], color="0.6", lw=1, ls=ls, label=f"reference: {name}")
         lo, hi = min(values), max(values)
@@ -758,6 +869,7 @@ def _plot_probe_vs_batch(ctx: Context, m: dict[str, Any], cfg: dict[str, Any], r
         top = min(hi + pad, 100.5)
         ax.set_ylim(min(lo - pad, top - MIN_SPAN - 2.0), top)
         ax.set_xscale("log", base=2)
+        ax.set_xlim(min(batches) * 2 ** -0.8, max(batches) * 2 ** 0.5)
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_xlabel("batch size (pairs)")
         ax.set_ylabel(f"{key} probe accuracy on test (%)")
@@ -770,7 +882,9 @@ def _plot_probe_vs_batch(ctx: Context, m: dict[str, Any], cfg: dict[str, Any], r
               "one replicate, no error bars: differences of ~2 points are noise")
     ctx.figure(fig, "probe-vs-batch", f"Linear-probe accuracy of the frozen representation vs batch size ({spread}); "
                "each loss at its temperature and lr chosen on validation; solid: equal epochs, dotted: equal steps; "
-               f"bf16 arms at T = {MECH_T:g}, drawn beside their batch; grey lines: the references (first replicate).")
+               f"bf16 arms at T = {MECH_T:g}, drawn beside their batch; stars left of batch {m['queue']['batch']}: that "
+               f"batch with a queue of {m['queue']['size']} negatives (equal epochs); grey lines: the references "
+               "(first replicate).")
 
 
 MIN_SPAN = 12.0  # percentage points: the y range of a probe panel is never narrower
