@@ -156,13 +156,26 @@ def test_polar_express_scalar_range():
     assert float((z - 1).abs().max()) < 1e-6
 
 
+def test_deepseek_v4_rows_converge():
+    # Eight Keller Jordan steps leave [1e-3, 1] in about [0.68, 1.13]; the two (2, -1.5, 0.5) steps,
+    # whose map has f(1) = 1 and f'(1) = 0, settle it within 1 ± 1e-3.
+    x = torch.logspace(-3, 0, 2001, dtype=torch.float64)
+    mid = ns_scalar(x, "deepseek_v4", steps=8)
+    assert 0.6 < float(mid.min()) < 0.75 and 1.1 < float(mid.max()) < 1.2
+    y = ns_scalar(x, "deepseek_v4")
+    assert float((y - 1).abs().max()) < 1e-3
+    assert float((ns_scalar(x, "deepseek_v4", steps=9) - 1).abs().max()) > 1e-2  # the tenth step is needed
+    M = make_matrix(7, (), 24, 40, np.logspace(0, -3, 24)).float()
+    assert rel_err(msign(M, schedule="deepseek_v4"), svd_ref(M, np.ones_like)) <= 1e-3
+
+
 def test_muon_scalar_range_is_not_msign():
     y = ns_scalar(torch.logspace(-3, 0, 2001, dtype=torch.float64), "muon")
     assert 0.4 < float(y.min()) < 0.6 and 1.1 < float(y.max()) < 1.3
 
 
 @SETTINGS
-@given(matrices, st.sampled_from(["polar_express", "muon", "minimax"]), st.integers(1, 8))
+@given(matrices, st.sampled_from(["polar_express", "muon", "minimax", "deepseek_v4"]), st.integers(1, 10))
 def test_ns_matrix_equals_scalar_map(d, schedule, steps):
     """NS acts on each singular value by the schedule's scalar polynomials (float64)."""
     M = build(d, dtype=torch.float64, scale=False)

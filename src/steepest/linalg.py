@@ -126,6 +126,16 @@ SCHEDULES: dict[str, Schedule] = {
         safety=1.0,
         source="Su, kexue.fm/archives/10996 (minimax table), rows used as f(x/1.01)",
     ),
+    # Twice Muon's cost for a converged result: eight of Keller Jordan's steps bring σ ≥ 1e-3·‖M‖_F into
+    # [0.68, 1.14], two steps of a polynomial with f(1) = 1, f'(1) = 0 then settle them within 1 ± 6e-4.
+    "deepseek_v4": Schedule(
+        "deepseek_v4",
+        ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2,
+        safety=1.0,
+        tail=(2.0, -1.5, 0.5),
+        source="DeepSeek-AI, DeepSeek-V4 technical report (2026), as reported: eight steps of Keller Jordan's "
+               "quintic, then two of (2, -1.5, 0.5); from X/‖X‖_F, ten steps put σ ≥ 1e-3·‖M‖_F within [1, 1.0006]",
+    ),
 }
 
 
