@@ -137,6 +137,53 @@ def _report(ctx: Context, by_shape: dict[str, dict]) -> None:
     ctx.result("shapes", results)
 
 
+def _start(X: torch.Tensor, kind: str, safety: float) -> torch.Tensor:
+    """The Newton–Schulz starting point of a wide X under one of the compared scalings."""
+    A = X @ X.mT
+    if kind == "Frobenius":  # X/‖X‖_F, Keller Jordan's and torch's: ‖X‖_F is up to √m·σ_max
+        return X / (torch.linalg.matrix_norm(X) * safety)
+    if kind == "power iteration":  # σ_max estimated by 8 steps on XXᵀ: an estimate from below
+        v = torch.ones(A.shape[-1], dtype=A.dtype, device=A.device)
+        for _ in range(8):
+            v = A @ v
+            v = v / v.norm()
+        return X / (float(v @ (A @ v)) ** 0.5 * safety)
+    if kind == "AOL":  # Turbo-Muon's rows D = diag(Σ_j |XXᵀ|_ij)^(-1/2): ‖DX‖₂ ≤ 1, but msign(DX) ≠ msign(X)
+        return A.abs().sum(-1).rsqrt().unsqueeze(-1) * X / safety
+    A2 = A @ A  # "Gram bound", steepest's: (Σσ¹⁶)^(1/16) = ‖(XXᵀ)⁴‖_F^(1/8) ≥ σ_max, within ~7 %
+    return X / (float(torch.linalg.matrix_norm(A2 @ A2)) ** 0.125 * safety)
+
+
+STARTS = ("Frobenius", "power iteration", "AOL", "Gram bound")
+
+
+def _starts(ctx: Context, shapes: list[tuple[int, int]], gen: torch.Generator) -> None:
+    """σ range and distance to msign after five Polar Express steps (float32) from each start, on a spectrum
+    log-spaced over [1e-3, 1]·σ_max with random singular vectors — the spread that exposes the start."""
+    sched = SCHEDULES["polar_express"]
+    rows, results = [], {}
+    for m, n in shapes:
+        m, n = min(m, n), max(m, n)
+        U, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float64))
+        M = (U * torch.logspace(-3, 0, m, dtype=torch.float64)) @ V.mT
+        X = M.float().to(ctx.device)
+        for kind in STARTS:
+            Y = _start(X, kind, sched.safety)
+            for a, b, c in sched.rows(5):
+                A = Y @ Y.mT
+                Y = a * Y + (b * A + c * A @ A) @ Y
+            err = _err(Y.cpu(), U @ V.mT)
+            rows.append([f"{m}×{n}", kind, _srange(Y), err])
+            results.setdefault(f"{m}x{n}", {})[kind] = {"range": _srange(Y), "err": err}
+    ctx.table(["shape", "start", "σ range after 5 steps", "distance to msign(M)"], rows,
+              caption="Where five Polar Express steps (float32) leave a spectrum spread over 1e-3…1 of σ_max, by "
+              "starting scale (target: σ ∈ [0.75, 1.25]). Power iteration underestimates σ_max, so σ can start above "
+              "the schedule's interval; AOL (Boissin et al. 2025, *Turbo-Muon: Accelerating Orthogonality-Based "
+              "Optimization with Pre-Conditioning*) rescales rows, which changes the polar factor itself.")
+    ctx.result("starts", results)
+
+
 def run(ctx: Context) -> None:
     quick = [(512, 512), (1024, 1024), (1024, 4096)]
     shapes = ctx.shapes or ctx.pick([(64, 64), (64, 256)], quick, quick)
@@ -145,3 +192,4 @@ def run(ctx: Context) -> None:
     for shape in ctx.track(shapes, "shapes"):
         by_shape[f"{shape[0]}×{shape[1]}"] = _measure(ctx, torch.randn(*shape, generator=gen).to(ctx.device))
     _report(ctx, by_shape)
+    _starts(ctx, ctx.pick([(64, 256)], [(256, 512), (1024, 4096)], [(256, 512), (1024, 4096)]), gen)
