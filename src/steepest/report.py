@@ -769,9 +769,12 @@ def _header(kind: str, runs: Sequence[RunInfo], settings: Settings, env: dict[st
         bf = m.get("bf16_gemm", {})
         speed = ""
         if bf:
-            ratio = _num(bf.get("bfloat16_s")) / _num(bf.get("float32_s"))
-            speed = (f"{'fast' if bf.get('fast') else 'slow'} bf16 (a {bf.get('n', 512)}×{bf.get('n', 512)} "
-                     f"bfloat16 matrix product took {ratio:.3g}× the time of the float32 one)")
+            n = int(bf.get("n", 512))
+            t32, t16 = _num(bf.get("float32_s")), _num(bf.get("bfloat16_s"))
+            ratio = t16 / t32
+            flops = 2.0 * n**3 / 1e9  # one n×n product
+            speed = (f"{'fast' if bf.get('fast') else 'slow'} bf16 (a {n}×{n} matrix product: float32 "
+                     f"{flops / t32:.3g} GFLOP/s, bfloat16 {flops / t16:.3g} GFLOP/s, {ratio:.3g}× the time)")
         ncores = int(m.get("cores", 0) or 0)
         loads = [x for x in (r.load_start, r.load_end) if not math.isnan(x)]
         load = (f"load average {r.load_start:.2f} at start, {r.load_end:.2f} at end" if len(loads) == 2

@@ -79,9 +79,10 @@ def _measure(ctx: Context, M: torch.Tensor) -> dict[str, float | str]:
     m["torch_muon_ns_f32_s"] = t(lambda: torch_ns_float32(M, kj, 5, 1e-7))
     m["polar_express_s"] = t(lambda: msign(M, schedule="polar_express", dtype=torch.float32))
     m["polar_express_bf16_s"] = t(lambda: msign(M, schedule="polar_express", dtype=torch.bfloat16))
-    m["torch_ns_range"] = _srange(torch_ns(M, kj, 5, 1e-7))
-    m["pe_range"] = _srange(msign(M, schedule="polar_express", dtype=torch.float32))
-    m["pe_bf16_range"] = _srange(msign(M, schedule="polar_express", dtype=torch.bfloat16))
+    outs = {"torch_ns": torch_ns(M, kj, 5, 1e-7), "pe": msign(M, schedule="polar_express", dtype=torch.float32),
+            "pe_bf16": msign(M, schedule="polar_express", dtype=torch.bfloat16)}
+    for k, O in outs.items():  # σ range and direction error (distance to the exact polar factor)
+        m[f"{k}_range"], m[f"{k}_err"] = _srange(O), _err(O.cpu(), ref_sign.cpu())
 
     m["mclip_s"] = t(lambda: mclip(C))
     m["mstep_s"] = t(lambda: mstep(C))
@@ -102,7 +103,8 @@ def _report(ctx: Context, by_shape: dict[str, dict]) -> None:
         t_cacc, t_csvd = m["mclip_s"], m["svd_clip_s"]
         rows_sign.append([shape, t_svd * 1e3, t_acc * 1e3, t_svd / t_acc, m["err_svd"], m["err_accurate"]])
         rows_ns.append([shape, t_peer * 1e3, t_peer32 * 1e3, t_pe * 1e3, t_pe16 * 1e3, t_pe / t_peer32,
-                        t_pe16 / t_peer, m["torch_ns_range"], m["pe_range"], m["pe_bf16_range"]])
+                        t_pe16 / t_peer, m["torch_ns_range"], m["pe_range"], m["pe_bf16_range"],
+                        m["torch_ns_err"], m["pe_err"], m["pe_bf16_err"]])
         rows_clip.append([shape, t_csvd * 1e3, t_cacc * 1e3, t_cacc / t_acc, m["mstep_s"] / t_acc,
                           m["mpoly_s"] / t_acc, t_csvd / t_cacc, m["mclip_nested_s"] / t_cacc,
                           m["err_svd_clip"], m["err_mclip"], m["err_mclip_nested"]])
@@ -120,11 +122,13 @@ def _report(ctx: Context, by_shape: dict[str, dict]) -> None:
     )
     ctx.table(
         ["shape", "torch NS bf16 ms", "torch NS f32 ms", "PE f32 ms", "PE bf16 ms", "PE f32 / torch f32",
-         "PE bf16 / torch bf16", "torch σ range", "PE f32 σ range", "PE bf16 σ range"],
+         "PE bf16 / torch bf16", "torch σ range", "PE f32 σ range", "PE bf16 σ range", "torch error",
+         "PE f32 error", "PE bf16 error"],
         rows_ns,
         caption="Five Newton–Schulz steps: ours (Polar Express, Gram-based start, Gram-space iteration for wide "
                 "float32 matrices) vs torch.optim.Muon's own function (Keller Jordan coefficients; bfloat16 as torch "
-                "runs it, and the same in float32), each in both precisions after a warm-up.",
+                "runs it, and the same in float32), each in both precisions after a warm-up; errors: relative distance to the "
+                "float64 SVD polar factor.",
     )
     ctx.table(
         ["shape", "SVD clip ms", "mclip ms", "mclip / msign", "mstep / msign", "mpoly / msign", "SVD clip / mclip",
