@@ -22,7 +22,10 @@ This module provides the pieces to test the argument:
   *Iterative Normalization: Beyond Standardization towards Efficient Whitening*,
   CVPR 2019, arXiv:1904.03441): batch statistics in training, running
   statistics in eval, exact (eigh) or Newton–Schulz inverse square root,
-  group-wise;
+  group-wise; optionally the running statistics in training too
+  (``train_stats="running"``), covariance shrinkage and a training-time
+  decorrelation of the batch's samples (``sample_decorrelation``), which
+  aim at training like BatchNorm while keeping ``XXᵀ`` near ∝ I;
 - :func:`isotropy_metrics` — how far a batch of features is from isotropic;
 - :func:`feature_alignment` — cosine between a rule's feature update ``X ΔW`` and
   its feature-space steepest direction;
