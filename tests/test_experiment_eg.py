@@ -44,7 +44,7 @@ class FakeRuns:
 
 
 def test_choices_are_made_on_validation_and_the_claim_is_read_on_test():
-    cfg = {"sgd_grid": [0.1, 0.3, 1.0], "adam_grid": [1e-3, 1e-2], "kappas": [0.01, 0.1]}
+    cfg = {"sgd_grid": [0.1, 0.3, 1.0], "adam_grid": [1e-3, 1e-2], "kappas": [0.01, 0.1], "bounded_kappas": [0.05, 0.1]}
 
     def loss(spec, rep, part):
         name, base, m, kap = spec
@@ -84,8 +84,34 @@ def test_the_sgd_arm_has_as_many_candidates_as_the_eg_family():
 
     for mode in ("smoke", "quick", "full"):
         cfg = E._robustness_setup(Context(Section("eg", "eg"), ".", mode=mode))
-        n_eg = 3 * len(cfg["kappas"]) + 1  # three EGStepSize granularities × κ, and EGDD
+        # the note's three granularities and its tensor rule from ν₀ small × κ; the cosine rule and EGDD from s₀
+        # small × their own κ; EGDD with its published defaults
+        n_eg = 4 * len(cfg["kappas"]) + 2 * len(cfg["bounded_kappas"]) + 1
         assert len(cfg["sgd_grid"]) == len(cfg["adam_grid"]) == n_eg
         assert len(set(cfg["sgd_grid"])) == n_eg
         assert set(E.MISSET) <= set(cfg["mults"])
     assert E._robustness_setup(Context(Section("eg", "eg"), ".", mode="full"))["replicates"] >= 5
+
+
+def test_stretch_multipliers_are_reported_beside_the_claim_and_left_out_of_its_verdict():
+    cfg = {"sgd_grid": [0.3], "adam_grid": [1e-2], "kappas": [0.1], "bounded_kappas": [0.1]}
+
+    def loss(spec, rep, part):
+        name, base, m, kap = spec
+        if name == E.COSINE:
+            return math.inf if m == 100.0 else 0.1 + 0.001 * rep  # diverges only in the stretch
+        return 0.1 + 0.002 * rep if (name == "SGD" and m == 1.0) else 0.5
+
+    runs = FakeRuns(loss, [0, 1, 2])
+    sel = E._choose_settings(runs, cfg)
+    assert sel["chosen"] == E.COSINE and sel["kappa"][E.COSINE] == 0.1
+    mults = [0.01, 0.1, 1.0, 10.0, 100.0]
+    runs.run([E._spec(sel, n, m) for n in E.METHODS for m in mults], "the grid")
+    goal = E._goal(runs, sel, mults)
+    assert list(goal) == ["x0.01", "x0.1", "x10", "x100"]
+    assert [g["stretch"] for g in goal.values()] == [True, False, False, True]
+    assert goal["x100"]["ratio_to_tuned_sgd_test"] == math.inf and goal["x100"]["verdict"] == "not held"
+    intervals = E._claim_intervals(goal)
+    assert set(intervals) == {"x0.1", "x10"}
+    assert E.goal_verdict(intervals) == "held"  # the stretch's divergence does not reach the claim
+    assert set(E._goal(runs, sel, [0.1, 1.0, 10.0])) == {"x0.1", "x10"}  # no stretch where it was not run

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..optim import EGDD, EGStepSize, HypergradientSGD, egd_step
+from ..optim import EGDD, EGStepSize, HypergradientSGD, eg_nu_update, egd_step
 from ..report import DIVERGED as DIVERGED_LABEL
 from ..report import Context, plural
 from . import claim, full_command
@@ -46,6 +46,17 @@ THREADS = 1
 DIVERGED = 5.0  # a final validation loss above this (or NaN/Inf) counts as diverged; log(10) ≈ 2.3 is chance
 # the note's rule ν ← ν·exp(γ⟨g_{t−1}, g_t⟩) applied to Adam's lr
 ADAM_NOTE = "Adam + note's rule"
+# the bounded variants: ν₀ < 1, the cosine with an averaged past gradient (EGStepSize nu0 / beta / normalize), and
+# EGDD started from a small scale
+#: the conservative start ν₀ (EGDD: s₀) of the bounded variants: 1/ν₀ = 100 is the largest mis-set factor measured,
+#: so from ×100 the first step is no larger than the tuned one
+NU0 = 0.01
+NOTE_NU0 = f"EGStepSize tensor (ν₀ {NU0:g})"
+COSINE = "EGStepSize cosine"
+EGDD_S0 = f"EGDD (s₀ {NU0:g})"
+ADAM_COS = "Adam + EG cosine"
+#: averaging of the past gradient the cosine rules follow: a horizon of about 1/(1 − β) = 10 steps, EGDD's default β
+AVG_BETA = 0.9
 
 
 # =========================================================================== part 1: constrained problems
@@ -269,13 +280,18 @@ class AdamEG:
     ``hyper=False``: the note's formula ν ← ν·exp(γ⟨g_{t−1}, g_t⟩) (raw consecutive gradients,
     what a reader of the note tried). ``hyper=True``: ν ← ν·exp(γ⟨u_{t−1}, g_t⟩) with u the previous
     Adam direction (update / lr) — the exact hypergradient of the loss w.r.t. ν, as in Adam-HD
-    (Baydin et al. 2018) but multiplicative.
+    (Baydin et al. 2018) but multiplicative. ``normalize=True``: ν ← ν·exp(γ cos(ū_{t−1}, g_t)), ū the
+    running average (``beta``) of u, starting from ``nu0`` — the bounded rule of
+    :class:`~steepest.optim.EGStepSize` (``nu0``, ``beta``, ``normalize``), computed by its
+    :func:`~steepest.optim.eg_nu_update`.
     """
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float, gamma: float, hyper: bool = False) -> None:
+    def __init__(self, params: Iterable[torch.Tensor], lr: float, gamma: float, hyper: bool = False, *,
+                 normalize: bool = False, nu0: float = 1.0, beta: float = 0.0) -> None:
         self.params = list(params)
         self.adam = torch.optim.Adam(self.params, lr=lr)
-        self.lr, self.gamma, self.hyper, self.nu = lr, gamma, hyper, 1.0
+        self.lr, self.gamma, self.hyper, self.nu = lr, gamma, hyper, nu0
+        self.normalize, self.beta = normalize, beta
         self.prev = [torch.zeros_like(p) for p in self.params]
 
     def zero_grad(self) -> None:
@@ -283,20 +299,31 @@ class AdamEG:
 
     @torch.no_grad()
     def step(self) -> None:
-        dot = sum(float(torch.sum(a * p.grad)) for a, p in zip(self.prev, self.params))
-        if not math.isfinite(dot):
-            raise ValueError("non-finite gradient")
-        self.nu = min(self.nu * math.exp(min(self.gamma * dot, 50.0)), 1e30)
+        grads = [p.grad for p in self.params]
+        if self.normalize:
+            if not all(bool(torch.isfinite(g).all()) for g in grads):
+                raise ValueError("non-finite gradient")
+            (nu,) = eg_nu_update([torch.tensor(self.nu, dtype=torch.float64)], self.prev, grads, gamma=self.gamma,
+                                 granularity="global", normalize=True)
+            self.nu = float(nu)
+        else:
+            dot = sum(float(torch.sum(a * g)) for a, g in zip(self.prev, grads))
+            if not math.isfinite(dot):
+                raise ValueError("non-finite gradient")
+            self.nu = min(self.nu * math.exp(min(self.gamma * dot, 50.0)), 1e30)
         eff = self.lr * self.nu
         self.adam.param_groups[0]["lr"] = eff
         old = [p.detach().clone() for p in self.params] if self.hyper else None
         self.adam.step()
-        if self.hyper:
-            for u, p, o in zip(self.prev, self.params, old):  # type: ignore[arg-type]
-                u.copy_((o - p) / eff if eff > 0 else torch.zeros_like(p))
-        else:
-            for u, p in zip(self.prev, self.params):
-                u.copy_(p.grad)
+        for i, (u, p) in enumerate(zip(self.prev, self.params)):
+            if self.hyper:
+                new = (old[i] - p) / eff if eff > 0 else torch.zeros_like(p)  # type: ignore[index]
+            else:
+                new = p.grad
+            if self.beta == 0:
+                u.copy_(new)
+            else:
+                u.mul_(self.beta).add_(new, alpha=1.0 - self.beta)
 
 
 def _init_grad_sizes(data: dict[str, torch.Tensor], seed: int) -> dict[str, float]:
@@ -367,15 +394,20 @@ def _rate(opt: Any) -> float:
 def _fmt_loss(v: float) -> str:
     return DIVERGED_LABEL if not math.isfinite(v) else f"{v:.3f}"
 
-METHODS = ["SGD", "EGStepSize coordinate", "EGStepSize tensor", "EGStepSize global", "EGDD", "SGD-HD", "Adam",
-           ADAM_NOTE, "Adam + EG hypergradient"]
-#: the note's EG step sizes: the rules the claim is about (one of them, with its κ, is chosen on validation)
-EG_FAMILY = ["EGStepSize coordinate", "EGStepSize tensor", "EGStepSize global", "EGDD"]
-ADAM_FAMILY = ["Adam", ADAM_NOTE, "Adam + EG hypergradient"]
+METHODS = ["SGD", "EGStepSize coordinate", "EGStepSize tensor", "EGStepSize global", "EGDD", NOTE_NU0, COSINE,
+           EGDD_S0, "SGD-HD", "Adam", ADAM_NOTE, "Adam + EG hypergradient", ADAM_COS]
+#: the EG step sizes the claim is about — the note's rules, EGDD, and their bounded variants (one of them, with its
+#: κ, is chosen on validation)
+EG_FAMILY = ["EGStepSize coordinate", "EGStepSize tensor", "EGStepSize global", "EGDD", NOTE_NU0, COSINE, EGDD_S0]
+ADAM_FAMILY = ["Adam", ADAM_NOTE, "Adam + EG hypergradient", ADAM_COS]
 #: the adaptive rules with a rate-of-adaptation constant κ, and its key in results.json's "kappa"
 KAPPA_KEY = {"EGStepSize coordinate": "coordinate", "EGStepSize tensor": "tensor", "EGStepSize global": "global",
-             "SGD-HD": "hd", ADAM_NOTE: "adam_note", "Adam + EG hypergradient": "adam_hyper"}
+             NOTE_NU0: "tensor_nu0", COSINE: "cosine", EGDD_S0: "egdd_s0", "SGD-HD": "hd", ADAM_NOTE: "adam_note",
+             "Adam + EG hypergradient": "adam_hyper", ADAM_COS: "adam_cosine"}
+#: rules whose log-rate moves by at most κ a step (κ is that bound, not scaled by a gradient size): their own grid
+BOUNDED = (COSINE, EGDD_S0, ADAM_COS)
 MISSET = (0.1, 10.0)  # the mis-set learning rates of the claim (× the tuned one)
+STRETCH = (0.01, 100.0)  # further out, reported beside the claim
 GOAL_RATIO = 1.1  # "within 10 %" of tuned SGD
 
 Spec = tuple[str, float, float, "float | None"]  # method, base lr of its family, multiplier, κ
@@ -387,11 +419,18 @@ def _make(name: str, base: float, m: float, kappa: float | None, sizes: dict[str
     k = kappa if kappa is not None else math.nan
     if name == "SGD":
         return lambda p: torch.optim.SGD(p, lr=lr)
-    if name.startswith("EGStepSize"):
+    if name == NOTE_NU0:
+        return lambda p: EGStepSize(p, lr=lr, gamma=k / sizes["tensor"], granularity="tensor", nu0=NU0)
+    if name == COSINE:
+        return lambda p: EGStepSize(p, lr=lr, gamma=k, granularity="tensor", nu0=NU0, beta=AVG_BETA, normalize=True)
+    if name in ("EGStepSize coordinate", "EGStepSize tensor", "EGStepSize global"):
         gran = name.split()[-1]
         return lambda p: EGStepSize(p, lr=lr, gamma=k / sizes[gran], granularity=gran)
     if name == "EGDD":  # momentum 0.9 multiplies the effective step by 10: lr·(1 − μ) matches SGD's step at ×1
         return lambda p: EGDD(p, lr=lr * 0.1, momentum=0.9)
+    if name == EGDD_S0:  # scale bounds wide enough for ×0.01 … ×100 from s₀; η_s = κ
+        return lambda p: EGDD(p, lr=lr * 0.1, momentum=0.9, scale_lr=k, initial_scale=NU0, min_scale=NU0**2,
+                              max_scale=NU0**-2)
     if name == "SGD-HD":  # step-size rate β = κ·(tuned lr)/‖g‖²
         return lambda p: HypergradientSGD(p, lr=lr, hypergrad_lr=k * base / sizes["global"])
     if name == "Adam":
@@ -400,22 +439,38 @@ def _make(name: str, base: float, m: float, kappa: float | None, sizes: dict[str
         return lambda p: AdamEG(p, lr=lr, gamma=k / sizes["global"])
     if name == "Adam + EG hypergradient":
         return lambda p: AdamEG(p, lr=lr, gamma=k / sizes["l1"], hyper=True)
+    if name == ADAM_COS:
+        return lambda p: AdamEG(p, lr=lr, gamma=k, hyper=True, normalize=True, nu0=NU0, beta=AVG_BETA)
     raise ValueError(name)
 
 
 def _robustness_setup(ctx: Context) -> dict[str, Any]:
     kappas = ctx.pick([0.1], [0.003, 0.01, 0.03, 0.1], [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0])
-    n_lr = 3 * len(kappas) + 1  # the SGD arm gets as many candidate settings as the EG family (variant × κ)
+    # bounded rules: κ = the largest change of log ν a step; growing ν by R takes at least log(R)/κ steps
+    bounded = ctx.pick([0.1], [0.025, 0.05, 0.1, 0.2], [0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8])
+    # the SGD arm gets as many candidate settings as the EG family (variant × κ)
+    n_lr = _eg_settings({"kappas": kappas, "bounded_kappas": bounded})
     return {
         "epochs": ctx.pick(1, 15, 40),
         "batch": 64,
         "replicates": ctx.pick(1, 3, 10),
         "mults": ctx.pick([0.1, 10.0], [0.01, 0.1, 1.0, 10.0, 100.0], [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]),
         "kappas": kappas,
+        "bounded_kappas": bounded,
         "sgd_grid": [float(f"{v:.2g}") for v in np.geomspace(0.01, 3.0, n_lr)],
         "adam_grid": [float(f"{v:.2g}") for v in np.geomspace(1e-4, 3e-2, n_lr)],
         "every": ctx.pick(1, 2, 5),  # steps between recorded rates (all of the first 10 are recorded)
     }
+
+
+def _kappas(cfg: dict[str, Any], name: str) -> list[float]:
+    """The κ candidates of one adaptive rule."""
+    return cfg["bounded_kappas"] if name in BOUNDED else cfg["kappas"]
+
+
+def _eg_settings(cfg: dict[str, Any]) -> int:
+    """How many settings (variant × κ) the EG family is chosen from; EGDD with its published defaults is one."""
+    return sum(len(_kappas(cfg, n)) if n in KAPPA_KEY else 1 for n in EG_FAMILY)
 
 
 def _eg_job(job: tuple[Spec, int, tuple[int, int, int], bool]) -> dict[str, Any]:
@@ -477,13 +532,13 @@ def _choose_settings(runs: _Runs, cfg: dict[str, Any]) -> dict[str, Any]:
             for fam, grid in (("SGD", "sgd_grid"), ("Adam", "adam_grid"))}
     lr_sgd, lr_adam = choose(tune["SGD"]), choose(tune["Adam"])
     base = {n: (lr_adam if n in ADAM_FAMILY else lr_sgd) for n in METHODS}
-    specs = [(n, base[n], m, kap) for n in KAPPA_KEY for kap in cfg["kappas"] for m in MISSET]
+    specs = [(n, base[n], m, kap) for n in KAPPA_KEY for kap in _kappas(cfg, n) for m in MISSET]
     runs.run(specs + [("EGDD", lr_sgd, m, None) for m in MISSET], "eg: κ of each adaptive rule (validation)")
 
     def worst(n: str, kap: float | None) -> float:
         return max(mean_or_inf(runs.get((n, base[n], m, kap), "val")) for m in MISSET)
 
-    kappa_scores = {n: {kap: worst(n, kap) for kap in cfg["kappas"]} for n in KAPPA_KEY}
+    kappa_scores = {n: {kap: worst(n, kap) for kap in _kappas(cfg, n)} for n in KAPPA_KEY}
     kappa = {n: choose(sc) for n, sc in kappa_scores.items()}
     kappa_of = {n: kappa.get(n) for n in METHODS}
     eg_scores = {n: worst(n, kappa_of[n]) for n in EG_FAMILY}
@@ -508,16 +563,19 @@ def _grid(runs: _Runs, sel: dict[str, Any], mults: list[float]) -> dict[str, dic
     return grid
 
 
-def _goal(runs: _Runs, sel: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """At ×0.1 and ×10: the chosen EG rule's final loss ÷ tuned SGD's (×1), paired by replicate.
+def _goal(runs: _Runs, sel: dict[str, Any], mults: Iterable[float] = ()) -> dict[str, dict[str, Any]]:
+    """At ×0.1 and ×10 (and the stretch ×0.01, ×100 where ``mults`` has them): the chosen EG rule's final loss
+    ÷ tuned SGD's (×1), paired by replicate.
 
     The ratios' logs get a t interval (:func:`paired`); ``ratio_to_tuned_sgd(_test)`` is the geometric mean
-    of the validation (test) ratios. The verdict reads the test interval only.
+    of the validation (test) ratios. The verdict reads the test interval only; ``stretch`` marks the
+    multipliers outside the claim.
     """
     name = sel["chosen"]
     sgd = _spec(sel, "SGD", 1.0)
     goal = {}
-    for m in MISSET:
+    present = set(mults)
+    for m in sorted([*MISSET, *(m for m in STRETCH if m in present)]):
         eg = _spec(sel, name, m)
         iv_val = paired(runs.get(eg, "val"), runs.get(sgd, "val"), log=True)
         iv = paired(runs.get(eg, "test"), runs.get(sgd, "test"), log=True)
@@ -532,6 +590,7 @@ def _goal(runs: _Runs, sel: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "verdict": outcome(iv, below=math.log(GOAL_RATIO)),
             "sgd_val": mean_or_inf(runs.get(_spec(sel, "SGD", m), "val")),
             "sgd_test": mean_or_inf(runs.get(_spec(sel, "SGD", m), "test")),
+            "stretch": m not in MISSET,
         }
     return goal
 
@@ -548,9 +607,14 @@ def goal_verdict(intervals: dict[str, Interval], limit: float = GOAL_RATIO) -> s
     return combine([outcome(iv, below=math.log(limit)) for iv in intervals.values()])
 
 
+def _claim_intervals(goal: dict[str, dict]) -> dict[str, Interval]:
+    """The intervals of log(test ratio) the claim's verdict reads: the mis-set multipliers, not the stretch."""
+    return {key: interval([math.log(r) if r > 0 else -math.inf for r in g["ratio_test_per_replicate"]])
+            for key, g in goal.items() if not g.get("stretch")}
+
+
 def _claim(ctx: Context, goal: dict[str, dict], seeds: list[int], sgd_cv: float) -> None:
-    intervals = {key: interval([math.log(r) if r > 0 else -math.inf for r in g["ratio_test_per_replicate"]])
-                 for key, g in goal.items()}
+    intervals = _claim_intervals(goal)
     name = next(iter(goal.values()))["best"]
     kap = next(iter(goal.values()))["kappa"]
     parts = [f"×{key[1:]}: {fmt_interval(iv, '.2f', ratio=True)}" for key, iv in intervals.items()]
@@ -563,7 +627,8 @@ def _claim(ctx: Context, goal: dict[str, dict], seeds: list[int], sgd_cv: float)
     if n < MIN_SEEDS:
         figure += " (direction only)"
         cmd = full_command("eg")
-    claim(ctx, "eg", "EG step sizes (the note's ν ← ν·exp(γ⟨g_{t−1}, g_t⟩) in EGStepSize, or EGDD; one rule and κ "
+    claim(ctx, "eg", "EG step sizes (the note's ν ← ν·exp(γ⟨g_{t−1}, g_t⟩) in EGStepSize, or EGDD, or their "
+          f"variants started from ν₀ = {NU0:g} with the averaged cosine; one rule and κ "
           f"chosen on validation, then fixed) recover from a learning rate mis-set ×10 or ×0.1: they end within "
           f"{GOAL_RATIO - 1:.0%} of tuned SGD's test loss", goal_verdict(intervals), figure, split="test",
           seeds=seeds, command=cmd)
@@ -571,7 +636,7 @@ def _claim(ctx: Context, goal: dict[str, dict], seeds: list[int], sgd_cv: float)
 
 def _robustness(ctx: Context) -> None:
     cfg = _robustness_setup(ctx)
-    cfg["trace_mults"] = [m for m in (0.01, 0.1, 1.0, 10.0) if m in cfg["mults"]]
+    cfg["trace_mults"] = [m for m in (0.01, 0.1, 1.0, 10.0, 100.0) if m in cfg["mults"]]
     reps = [ctx.seed + r for r in range(cfg["replicates"])]
     runs = _Runs(ctx, cfg, reps)
     sel = _choose_settings(runs, cfg)
@@ -580,7 +645,7 @@ def _robustness(ctx: Context) -> None:
     grid = _grid(runs, sel, mults)
     _report_setup(ctx, cfg, sel, reps)
     _report_tuning(ctx, sel, cfg, len(reps))
-    goal = _goal(runs, sel)
+    goal = _goal(runs, sel, mults)
     tuned_test = runs.get(_spec(sel, "SGD", 1.0), "test")
     tuned_val = runs.get(_spec(sel, "SGD", 1.0), "val")
     sgd_cv = float(np.std(tuned_test, ddof=1) / np.mean(tuned_test)) if len(reps) > 1 else math.nan
@@ -627,14 +692,14 @@ def _report_tuning(ctx: Context, sel: dict[str, Any], cfg: dict[str, Any], n: in
     ctx.table(["optimizer", "lr", "mean final val loss", "chosen"], rows,
               caption=f"Choosing the base learning rates on the validation part ({plural(cfg['epochs'], 'epoch')}, batch "
                       f"{cfg['batch']}, mean over {plural(n, 'replicate')}; 'diverged': in at least one).")
-    names = list(KAPPA_KEY)
-    rows = [[n, *(_fmt_loss(sel["kappa_scores"][n][k]) + (" ←" if k == sel["kappa"][n] else "")
-                  for k in cfg["kappas"])] for n in names]
-    rows.append(["EGDD (published defaults, no κ)", *([""] * len(cfg["kappas"]))])
-    ctx.table(["rule", *[f"κ = {k:g}" for k in cfg["kappas"]]], rows,
-              caption="Choosing κ on the validation part: the worse of the mean final validation losses at ×0.1 "
-                      "and ×10 (← chosen). The EG rule of the claim is the EG-family rule (EGStepSize at its "
-                      "chosen κ, or EGDD) with the lowest such score: "
+    width = max(len(cfg["kappas"]), len(cfg["bounded_kappas"]))
+    rows = [[n, *(f"{k:g}: " + _fmt_loss(sel["kappa_scores"][n][k]) + (" ←" if k == sel["kappa"][n] else "")
+                  for k in _kappas(cfg, n)), *([""] * (width - len(_kappas(cfg, n))))] for n in KAPPA_KEY]
+    rows.append(["EGDD (published defaults, no κ)", *([""] * width)])
+    ctx.table(["rule", *[f"κ candidate {i + 1}" for i in range(width)]], rows,
+              caption="Choosing κ on the validation part: each cell is 'κ: the worse of the mean final validation "
+                      "losses at ×0.1 and ×10' (← chosen). The EG rule of the claim is the EG-family rule (at its "
+                      "chosen κ; EGDD with its published defaults has none) with the lowest such score: "
                       + ", ".join(f"{k} {_fmt_loss(v)}" for k, v in sel["eg_scores"].items())
                       + f" → **{sel['chosen']}**.")
 
@@ -648,7 +713,8 @@ def _plot_robustness(ctx: Context, grid: dict[str, dict[float, dict[str, Any]]],
     fig, ax = plt.subplots(figsize=(10, 6.4))
     styles = {"SGD": "k-o", "EGStepSize coordinate": "C0-s", "EGStepSize tensor": "C1-s", "EGStepSize global": "C2-s",
               "EGDD": "C3-^", "SGD-HD": "C4-v", "Adam": "C5--o", ADAM_NOTE: "C6--D",
-              "Adam + EG hypergradient": "C7--D"}
+              "Adam + EG hypergradient": "C7--D", NOTE_NU0: "C8-s", COSINE: "C9-P", EGDD_S0: "C3-X",
+              ADAM_COS: "C9--P"}
     finite = [res[m]["test"] for res in grid.values() for m in mults if math.isfinite(res[m]["test"])]
     top = max(finite + [tuned]) * 1.5
     lane = top * 2.6  # the "diverged" lane above the data
@@ -691,13 +757,14 @@ def _report_goal(ctx: Context, goal: dict[str, dict], tuned_test: list[float], n
     rows = []
     for key, g in goal.items():
         iv = interval([math.log(r) if r > 0 else -math.inf for r in g["ratio_test_per_replicate"]])
-        rows.append([f"×{key[1:]}", _fmt_loss(g["sgd_test"]), g["best"] + (f", κ {g['kappa']:g}" if g["kappa"] else ""),
+        rows.append([f"×{key[1:]}" + (" (stretch)" if g.get("stretch") else ""), _fmt_loss(g["sgd_test"]), g["best"] + (f", κ {g['kappa']:g}" if g["kappa"] else ""),
                      _fmt_loss(g["test"]), fmt_interval(iv, ".3f", ratio=True),
                      ", ".join(f"{r:.3f}" if math.isfinite(r) else DIVERGED_LABEL
                                for r in g["ratio_test_per_replicate"]), g["verdict"]])
     ctx.table(["lr mis-set", "SGD from there (test)", "EG rule (chosen on validation)", "its test loss",
                "÷ tuned SGD (test; geometric mean, 95 % CI)", "per replicate", f"within {GOAL_RATIO - 1:.0%}"], rows,
-              caption=f"The claim's test: from an lr mis-set ×10 or ×0.1, the EG rule chosen on validation ends within "
+              caption=f"The claim's test: from an lr mis-set ×10 or ×0.1 (×0.01 and ×100: the stretch, outside the "
+                      f"claim's verdict), the EG rule chosen on validation ends within "
                       f"{GOAL_RATIO - 1:.0%} of tuned SGD's final test loss, paired by replicate. Tuned SGD's final "
                       f"test loss: {fmt_spread(tuned_test, '.3f')}. 'held': the whole interval below "
                       f"{GOAL_RATIO:g}; 'partly held': only its mean.")
@@ -710,9 +777,9 @@ def _plot_rates(ctx: Context, grid: dict[str, dict[float, dict[str, Any]]],
     from matplotlib.lines import Line2D
 
     lo, hi = 1e-4, 1e4  # the axis; values beyond are drawn at its edge
-    panels = ["EGStepSize coordinate", "EGStepSize tensor", "EGStepSize global", "EGDD", "SGD-HD",
-              ADAM_NOTE, "Adam + EG hypergradient"]
-    fig, axes = plt.subplots(2, 4, figsize=(15, 6.8), sharex=True)
+    panels = ["EGStepSize coordinate", "EGStepSize tensor", "EGStepSize global", "EGDD", NOTE_NU0, COSINE, EGDD_S0,
+              "SGD-HD", ADAM_NOTE, "Adam + EG hypergradient", ADAM_COS]
+    fig, axes = plt.subplots(3, 4, figsize=(15, 10.2), sharex=True)
     rate_rows: list[list[Any]] = []
     for ax, name in zip(axes.flat, panels):
         for j, m in enumerate(trace_mults):
@@ -734,13 +801,13 @@ def _plot_rates(ctx: Context, grid: dict[str, dict[float, dict[str, Any]]],
         ax.set_title(name, fontsize=10)
         ax.axhline(1.0, color="k", lw=0.6, ls=":")
         ax.grid(alpha=0.25)
-    axes[0, 3].tick_params(labelbottom=True)  # the slot below it holds the legend
-    axes[0, 3].set_xlabel("step")
-    for ax in axes[1, :3]:
+    axes[1, 3].tick_params(labelbottom=True)  # the slot below it holds the legend
+    axes[1, 3].set_xlabel("step")
+    for ax in axes[2, :3]:
         ax.set_xlabel("step")
-    axes[0, 0].set_ylabel("rate multiplier ν")
-    axes[1, 0].set_ylabel("rate multiplier ν")
-    slot = axes[1, 3]
+    for ax in axes[:, 0]:
+        ax.set_ylabel("rate multiplier ν")
+    slot = axes[2, 3]
     slot.axis("off")
     handles = [Line2D([], [], color=f"C{j}", label=f"×{m:g}") for j, m in enumerate(trace_mults)]
     handles += [Line2D([], [], ls="none", marker="x", color="red", ms=9, mew=2.5, label=f"{DIVERGED_LABEL} (last ν)"),
@@ -756,7 +823,7 @@ def _plot_rates(ctx: Context, grid: dict[str, dict[float, dict[str, Any]]],
 
 
 def _report_setup(ctx: Context, cfg: dict[str, Any], sel: dict[str, Any], reps: list[int]) -> None:
-    kappa = ", ".join(f"{n} {sel['kappa'][n]:g}" for n in KAPPA_KEY)
+    kappa = "; ".join(f"{n} {sel['kappa'][n]:g}" for n in KAPPA_KEY)
     ctx.text(
         "**Part 2 — a mis-set learning rate.** The note's rule gives every parameter (or tensor, or the whole "
         "model) a rate multiplier ν, updated by exponentiated gradient on the step size itself: "
@@ -767,6 +834,17 @@ def _report_setup(ctx: Context, cfg: dict[str, Any], sel: dict[str, Any], reps: 
         "Adam hypergradient — ‖g‖₁. EGDD (Amid et al., [arXiv:2202.00145](https://arxiv.org/abs/2202.00145)) runs "
         "with momentum 0.9 and lr·0.1 so its effective step matches SGD's at ×1; its published defaults bound the "
         "adaptation (scale ∈ [0.1, 10] moving by at most e^0.001 a step, gains by e^0.01).")
+    ctx.text(
+        f"**Bounded variants.** With ν₀ = 1 the first step is plain SGD at the mis-set lr, taken before ν has seen "
+        f"a gradient. {NOTE_NU0}: the note's tensor rule started from ν₀ = {NU0:g} (1/ν₀ = {1 / NU0:g}, the largest "
+        f"mis-set factor measured: from ×100 the first step is the tuned one). {COSINE}: per tensor, also from ν₀ = "
+        f"{NU0:g}, ν ← ν·exp(κ·cos(ḡ_{{t−1}}, g_t)) with ḡ the running average of past gradients (β = {AVG_BETA:g}: "
+        "the hypergradient of a rate shared by the last ~10 steps rather than the last one); log ν moves by at most κ "
+        "a step whatever the size of the gradients, so growing by R takes at least log(R)/κ steps and one blown-up "
+        f"gradient cannot throw ν by orders of magnitude (EGStepSize nu0, beta, normalize). {EGDD_S0}: EGDD with "
+        f"its scale started at s₀ = {NU0:g}, scale rate η_s = κ, scale bounds [{NU0**2:g}, {NU0**-2:g}]. {ADAM_COS}: "
+        f"the cosine rule on Adam's lr (following Adam's update direction, from ν₀ = {NU0:g}). κ of these rules is "
+        f"the per-step bound itself (candidates {', '.join(f'{k:g}' for k in cfg['bounded_kappas'])}).")
     ctx.text(protocol_text(
         f"scikit-learn's digits, a fixed stratified validation part of 360 images and, per replicate r, a "
         f"stratified division of the other images into 1078 training and 359 test images (division r, "
@@ -774,8 +852,8 @@ def _report_setup(ctx: Context, cfg: dict[str, Any], sel: dict[str, Any], reps: 
         else f"seed {reps[0]}") + "); pixels standardized with the "
         "training part's statistics (a pixel constant there keeps scale 1)",
         f"the base learning rates of SGD and Adam ({plural(len(cfg['sgd_grid']), 'candidate')} each, as many as the "
-        f"EG family's {3 * len(cfg['kappas']) + 1} settings of variant × κ), κ of every adaptive rule "
-        f"({plural(len(cfg['kappas']), 'candidate')}), and the one EG rule the claim is tested on",
+        f"EG family's {_eg_settings(cfg)} settings of variant × κ), κ of every adaptive rule "
+        f"({plural(len(cfg['kappas']), 'candidate')} each), and the one EG rule the claim is tested on",
         len(reps)))
     ctx.text(
         f"Setup: MLP 64–64–10 (ReLU), batch {cfg['batch']}, {plural(cfg['epochs'], 'epoch')} (the training budget, "
@@ -813,18 +891,31 @@ def _findings(ctx: Context, grid: dict[str, dict[float, dict[str, Any]]], mults:
     big = [m for m in mults if m > 1]
     if big:
         lines += _findings_large_lr(grid, big, traces)
-    for name in (ADAM_NOTE, "Adam + EG hypergradient"):
+    for name in (ADAM_NOTE, "Adam + EG hypergradient", ADAM_COS):
         parts = []
         for m in mults:
             rec = traces.get((name, m))
             if rec:
                 nu = np.array([v for _, v in rec])
                 state = "collapsed to 0" if nu[-1] < 1e-6 else ("exploded" if nu[-1] > 1e6 else f"ends at {nu[-1]:.3g}")
-                parts.append(f"×{m:g}: ν {state} (test {_fmt_loss(grid[name][m]['test_per_replicate'][0])})")
+                parts.append(f"×{m:g}: ν {state}{_largest_jump(rec)} (test "
+                             f"{_fmt_loss(grid[name][m]['test_per_replicate'][0])})")
         if parts:
             lines.append(f"{name}, first replicate: " + "; ".join(parts) + ".")
     if lines:
         ctx.text("**Measured findings.** " + " ".join(lines))
+
+
+def _largest_jump(rec: list[tuple[int, float]]) -> str:
+    """The largest factor ν moved by between two consecutive records (or where it hit 0)."""
+    zero = [s for s, v in rec if v <= 0]
+    if zero:
+        return f", exactly 0 from step {zero[0]} on"
+    logs = [(s0, s1, math.log(v1) - math.log(v0)) for (s0, v0), (s1, v1) in zip(rec, rec[1:])]
+    if not logs:
+        return ""
+    s0, s1, jump = max(logs, key=lambda x: abs(x[2]))
+    return f", largest change ×{math.exp(jump):.3g} (steps {s0}→{s1})" if abs(jump) > 0.01 else ""
 
 
 def _findings_large_lr(grid: dict[str, dict[float, dict[str, Any]]], big: list[float],
