@@ -258,6 +258,46 @@ def test_fuzz_whitening(case):
         assert ye.shape == x[:1].shape and _finite(ye)
 
 
+@fuzz(250)
+@given(B=st.integers(1, 9), C=st.sampled_from([1, 3, 6, 12]), rank=st.integers(0, 12), log10_scale=st.integers(-30, 30),
+       dtype=st.sampled_from(DTYPES), special=st.sampled_from(SPECIALS), centered=st.booleans(),
+       train_stats=st.sampled_from(["batch", "running"]), shrinkage=st.sampled_from([0.0, 0.3, 1.0]),
+       rho=st.sampled_from([0.0, 0.5, 0.9]), eps=st.sampled_from([0.0, 1e-5, 1e-2]), seed=st.integers(0, 2**16))
+def test_fuzz_whitening_new_options(B, C, rank, log10_scale, dtype, special, centered, train_stats, shrinkage, rho, eps,
+                                    seed):
+    """Running statistics in training, shrinkage and sample decorrelation on ranks 0..full, entries 1e-30..1e30,
+    four dtypes and NaN/Inf: a finite output of the input's shape and dtype (train and eval), or a refusal that
+    names its reason; the decorrelated Gram spectrum follows k ↦ k̄k / (ρk + (1 − ρ)k̄)."""
+    _count("Whitening")
+    rng = np.random.default_rng(seed)
+    F = _matrix(rng, (B, C), rank, log10_scale)
+    x = _cast(F, dtype, special, rng).double() if dtype == torch.float64 else _cast(F, dtype, special, rng)
+    kw = dict(centered=centered, eps=eps, affine=False, train_stats=train_stats, shrinkage=shrinkage)
+    m = Whitening(C, **kw, sample_decorrelation=rho).double()
+    try:
+        y = m(x)
+    except (ValueError, TypeError) as exc:
+        allowed = not _finite(x) or B < 2 or "overflow" in str(exc) or (eps == 0 and "singular" in str(exc))
+        allowed = allowed or (eps == 0 and shrinkage == 0 and B <= C)
+        assert allowed, f"valid input refused: {exc!r}"
+        _refused(exc, "input", "eps", "running_cov", "running_mean", "samples", "sample")
+        return
+    assert _finite(x) and B >= 2 and y.shape == x.shape and y.dtype == x.dtype and _finite(y)
+    if rho and dtype == torch.float64 and 1e-100 < float(x.abs().max()) and abs(log10_scale) <= 8:
+        plain = Whitening(C, **kw).double()
+        y0 = plain(x).detach().numpy()
+        k = np.linalg.eigvalsh(y0 @ y0.T)
+        kbar = k.sum() / B
+        if kbar > 0:
+            expect = np.sort(kbar * k / (rho * k + (1 - rho) * kbar))
+            got = np.linalg.eigvalsh(y.detach().numpy() @ y.detach().numpy().T)
+            assert np.allclose(got, expect, atol=1e-6 * kbar * B), (got, expect)
+    m.eval()
+    with torch.no_grad():
+        ye = m(x[:1])
+    assert ye.shape == x[:1].shape and _finite(ye)
+
+
 # ----------------------------------------------------------------------------- isotropy_metrics
 @fuzz(300)
 @given(n=st.integers(0, 7), d=st.integers(1, 7), rank=st.integers(0, 7), dtype=st.sampled_from(DTYPES),
