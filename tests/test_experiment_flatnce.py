@@ -131,6 +131,12 @@ def test_a_queue_run_uses_past_embeddings_as_negatives():
     # the floor of log ξ counts the queued negatives (none at the first step, then up to 16)
     assert math.isclose(plain.curve[0]["min_log_xi_floor"], E.xi_floor(8, 0.5), rel_tol=1e-12)
     assert E.xi_floor(8, 0.5) < queued.curve[0]["min_log_xi_floor"] < E.xi_floor(8, 0.5, 16)
+    # MoCo's form: the keys come from a momentum copy, so training differs again, and stays finite
+    moco = E.Run("flatnce", 8, 0.5, 0, "fp32", 1e-3, budget=6, queue=16, momentum=0.99)
+    assert moco.key not in (plain.key, queued.key)
+    c = E.train(x, moco)
+    pc = torch.cat([p.flatten() for p in c.parameters()])
+    assert torch.isfinite(pc).all() and not torch.equal(pc, pb) and not moco.nonfinite
 
 
 def test_queue_arm_is_small_in_quick_mode_and_tuned_in_full_mode():
@@ -139,6 +145,7 @@ def test_queue_arm_is_small_in_quick_mode_and_tuned_in_full_mode():
     quick = E._config(Context(Section("flatnce", "f"), ".", mode="quick"))
     full = E._config(Context(Section("flatnce", "f"), ".", mode="full"))
     assert quick["queue"] == full["queue"] == E.QUEUE and not quick["queue_grid"] and full["queue_grid"]
+    assert quick["queue_losses"] == ("flatnce",) and set(full["queue_losses"]) == set(E.LOSSES)
 
 
 def test_smoke_run_reports_the_queue_arm(tmp_path):
@@ -151,6 +158,8 @@ def test_smoke_run_reports_the_queue_arm(tmp_path):
     sec = data["sections"]["flatnce"]
     assert sec["error"] is None
     q = sec["queue"]
-    assert q["batch"] == 8 and set(q["arms"]) == set(E.LOSSES) and q["selection_val_1shot"]  # own grid in smoke
-    assert any(r["queue"] == q["size"] for r in sec["runs"]) and any(r["queue"] == 0 for r in sec["runs"])
-    assert any("queue" in c["claim"] for c in data["claims"])
+    assert q["batch"] == 8 and len(q["arms"]) == len(E.QUEUE_ARMS) * len(E.LOSSES)
+    assert q["selection_val_1shot"]  # own grid in smoke
+    assert any(r["queue"] == q["size"] and r["momentum"] == 0 for r in sec["runs"])
+    assert any(r["queue"] == q["size"] and r["momentum"] > 0 for r in sec["runs"])
+    assert sum("queue" in c["claim"] for c in data["claims"]) == len(E.QUEUE_ARMS)

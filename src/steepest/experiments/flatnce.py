@@ -32,10 +32,13 @@ A negative queue at batch 8: the small-batch remedy of MoCo (He et al., *Momentu
 Contrast for Unsupervised Visual Representation Learning*, arXiv:1911.05722) and
 lightly's memory bank — the last :data:`QUEUE` embeddings of earlier batches
 (:class:`steepest.losses.NegativeQueue`, the second view of each pair, enqueued after
-the step) as extra negatives of every anchor, for both losses, with the same encoder
-(no momentum encoder). Its temperature and lr are chosen on validation like the
-others' (quick mode: those chosen for batch 8 without the queue). Read on the test
-part beside the batch grid: the queue's effect at batch 8 and its distance to the
+the step) as extra negatives of every anchor. Two arms (:data:`QUEUE_ARMS`): the
+queue filled by the network being trained (a memory bank beside SimCLR), and MoCo's
+form, where the second views — the positives' keys and what is queued — come from a
+momentum copy of the network (an exponential moving average of its weights, no
+gradient). Their temperature and lr are chosen on validation like the others'
+(quick mode: those chosen for batch 8 without a queue, FlatNCE only). Read on the
+test part beside the batch grid: each arm's effect at batch 8 and its distance to the
 largest batch (:func:`queue_verdict`).
 
 Measuring (``_job``: train and probe one run, in a worker with ``--jobs``) returns
@@ -44,6 +47,7 @@ plain :class:`Run` records; ``_report`` and the functions it calls write them.
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -78,6 +82,8 @@ STORED_FULL_RUN = "docs/results/flatnce-full/report.md"  # in the steepest repos
 # without a momentum encoder the queue is at most 32 steps stale at batch 8
 QUEUE = 256
 QUEUE_MARGIN = 1.0  # percentage points: "closes the gap" allows batch 8 + queue this far below the largest batch
+# the queue arms: name -> momentum of the key encoder (0: the queue holds the trained network's own embeddings)
+QUEUE_ARMS = {"queue": 0.0, "queue + momentum encoder": 0.99}
 
 
 # --------------------------------------------------------------------------- data and augmentation
@@ -193,10 +199,12 @@ class Run:
     curve: list[dict[str, float]] = field(default_factory=list)  # per epoch
     nonfinite: bool = False
     queue: int = 0  # embeddings of earlier batches used as extra negatives (0: none)
+    momentum: float = 0.0  # > 0: second views (and the queue) from a momentum copy of the network, MoCo's key encoder
 
     @property
-    def key(self) -> tuple[str, int, float, int, str, float, int, int]:
-        return (self.loss, self.batch, self.temperature, self.seed, self.precision, self.lr, self.budget, self.queue)
+    def key(self) -> tuple[str, int, float, int, str, float, int, int, float]:
+        return (self.loss, self.batch, self.temperature, self.seed, self.precision, self.lr, self.budget, self.queue,
+                self.momentum)
 
 
 def train(x: torch.Tensor, run: Run) -> Net:
@@ -212,13 +220,22 @@ def train(x: torch.Tensor, run: Run) -> Net:
     per_epoch = n // run.batch
     stat_every = max(1, per_epoch // 8)
     queue = NegativeQueue(run.queue, PROJ_DIM) if run.queue else None
+    keys = None
+    if run.momentum:  # MoCo's key encoder: an exponential moving average of the network, no gradient
+        keys = copy.deepcopy(net).requires_grad_(False)
     t0 = time.perf_counter()
     while run.steps < run.budget:
         perm = torch.randperm(n, generator=gen)
         rec: list[dict[str, float]] = []
         for k in range(per_epoch):
             xb = x[perm[k * run.batch : (k + 1) * run.batch]]
-            z1, z2 = net(torch.cat([augment(xb, gen), augment(xb, gen)]).to(dt)).chunk(2)
+            if keys is None:
+                z1, z2 = net(torch.cat([augment(xb, gen), augment(xb, gen)]).to(dt)).chunk(2)
+            else:
+                a1, a2 = augment(xb, gen), augment(xb, gen)
+                z1 = net(a1.to(dt))
+                with torch.no_grad():
+                    z2 = keys(a2.to(dt))
             logits, target = pair_logits(z1, z2, run.temperature, dtype=cd, negatives=queue)
             if run.loss == "flatnce":
                 loss = flat_nce(logits, target, value="info_nce", dtype=cd)
@@ -227,6 +244,10 @@ def train(x: torch.Tensor, run: Run) -> Net:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if keys is not None:
+                with torch.no_grad():
+                    for pk, p in zip(keys.parameters(), net.parameters()):
+                        pk.lerp_(p, 1.0 - run.momentum)
             if queue is not None:  # after the loss: a batch is never its own queued negative
                 queue.enqueue(z2.detach().float())
             run.steps += 1
@@ -348,6 +369,7 @@ def _config(ctx: Context) -> dict[str, Any]:
     # the queue arm at the smallest batch: its own T × lr grid, or (quick) the settings chosen there without it
     cfg["queue"] = ctx.pick(16, QUEUE, QUEUE)
     cfg["queue_grid"] = ctx.pick(True, False, True)
+    cfg["queue_losses"] = ctx.pick(LOSSES, ("flatnce",), LOSSES)
     cfg["n"] = cfg["n_train"] or (1797 - VAL_SIZE - TEST_SIZE)
     ref = 64 if 64 in cfg["batches"] else cfg["batches"][len(cfg["batches"]) // 2]
     cfg["equal_steps_ref"] = ref
@@ -403,8 +425,8 @@ class _Runs:
                          f"seed={done.seed} steps={done.steps}: val {done.probe_val} test {done.probe}")
 
     def get(self, loss: str, batch: int, t: float, lr: float, seeds: list[int], precision: str = "fp32",
-            budget: int = 0, queue: int = 0) -> list[Run]:
-        return [self.done[(loss, batch, t, s, precision, lr, budget, queue)] for s in seeds]
+            budget: int = 0, queue: int = 0, momentum: float = 0.0) -> list[Run]:
+        return [self.done[(loss, batch, t, s, precision, lr, budget, queue, momentum)] for s in seeds]
 
 
 def _val_score(runs: list[Run]) -> float:
@@ -422,19 +444,21 @@ def _measure(ctx: Context, cfg: dict[str, Any]) -> dict[str, Any]:
     grid = [(t, lr) for t in cfg["temps"] for lr in cfg["lrs"]]
     b0, nq = min(cfg["batches"]), cfg["queue"]
     qbudget = _epochs_budget(cfg, b0)
-    qsel = [Run(loss, b0, t, s, "fp32", lr, qbudget, queue=nq) for loss in LOSSES for t, lr in grid
-            for s in sel_seeds] if cfg["queue_grid"] else []
+    qcells = [(arm, loss) for arm in QUEUE_ARMS for loss in cfg["queue_losses"]]
+    qsel = [Run(loss, b0, t, s, "fp32", lr, qbudget, queue=nq, momentum=QUEUE_ARMS[arm]) for arm, loss in qcells
+            for t, lr in grid for s in sel_seeds] if cfg["queue_grid"] else []
     runs.run([Run(loss, b, t, s, "fp32", lr, _epochs_budget(cfg, b)) for b in cfg["batches"] for loss in LOSSES
               for t, lr in grid for s in sel_seeds] + qsel, "flatnce: temperature × lr grid (validation)")
     scores = {(loss, b): {(t, lr): _val_score(runs.get(loss, b, t, lr, sel_seeds, budget=_epochs_budget(cfg, b)))
                           for t, lr in grid} for loss in LOSSES for b in cfg["batches"]}
     chosen = {k: choose(sc, higher=True) for k, sc in scores.items()}
     if cfg["queue_grid"]:
-        q_scores = {loss: {(t, lr): _val_score(runs.get(loss, b0, t, lr, sel_seeds, budget=qbudget, queue=nq))
-                           for t, lr in grid} for loss in LOSSES}
-        q_chosen = {loss: choose(sc, higher=True) for loss, sc in q_scores.items()}
+        q_scores = {(arm, loss): {(t, lr): _val_score(runs.get(loss, b0, t, lr, sel_seeds, budget=qbudget, queue=nq,
+                                                               momentum=QUEUE_ARMS[arm])) for t, lr in grid}
+                    for arm, loss in qcells}
+        q_chosen = {k: choose(sc, higher=True) for k, sc in q_scores.items()}
     else:
-        q_scores, q_chosen = {}, {loss: chosen[(loss, b0)] for loss in LOSSES}
+        q_scores, q_chosen = {}, {(arm, loss): chosen[(loss, b0)] for arm, loss in qcells}
     # the precision arms run at T = MECH_T, each loss at its lr chosen for that temperature
     mech_lr = {k: choose({lr: sc[(MECH_T, lr)] for lr in cfg["lrs"]}, higher=True) for k, sc in scores.items()}
     plan = []
@@ -451,7 +475,8 @@ def _measure(ctx: Context, cfg: dict[str, Any]) -> dict[str, Any]:
                 plan += [Run(loss, b, MECH_T, s, "bf16-loss", lr, _epochs_budget(cfg, b)) for s in seeds]
             if b in cfg["bf16"]:
                 plan += [Run(loss, b, MECH_T, s, "bf16", lr, _epochs_budget(cfg, b)) for s in bf16_seeds]
-    plan += [Run(loss, b0, t, s, "fp32", lr, qbudget, queue=nq) for loss, (t, lr) in q_chosen.items() for s in seeds]
+    plan += [Run(loss, b0, t, s, "fp32", lr, qbudget, queue=nq, momentum=QUEUE_ARMS[arm])
+             for (arm, loss), (t, lr) in q_chosen.items() for s in seeds]
     runs.run(plan, "flatnce: evaluation runs (chosen settings, equal steps, precision arms, queue)")
     return {"runs": runs, "seeds": seeds, "sel_seeds": sel_seeds, "bf16_seeds": bf16_seeds, "scores": scores,
             "chosen": chosen, "mech_lr": mech_lr, "mech_batches": mech_batches, "grid": grid,
@@ -470,11 +495,12 @@ def _mech(m: dict[str, Any], cfg: dict[str, Any], loss: str, b: int, precision: 
     return m["runs"].get(loss, b, MECH_T, m["mech_lr"][(loss, b)], seeds, precision, _epochs_budget(cfg, b))
 
 
-def _queue_arm(m: dict[str, Any], cfg: dict[str, Any], loss: str) -> list[Run]:
-    """The evaluation runs of ``loss`` at the smallest batch with the negative queue, at its chosen settings."""
+def _queue_arm(m: dict[str, Any], cfg: dict[str, Any], arm: str, loss: str) -> list[Run]:
+    """The evaluation runs of queue arm ``arm`` for ``loss`` at the smallest batch, at its chosen settings."""
     q = m["queue"]
-    t, lr = q["chosen"][loss]
-    return m["runs"].get(loss, q["batch"], t, lr, m["seeds"], budget=_epochs_budget(cfg, q["batch"]), queue=q["size"])
+    t, lr = q["chosen"][(arm, loss)]
+    return m["runs"].get(loss, q["batch"], t, lr, m["seeds"], budget=_epochs_budget(cfg, q["batch"]), queue=q["size"],
+                         momentum=QUEUE_ARMS[arm])
 
 
 def _gap(f: list[Run], i: list[Run], key: str = "1-shot") -> list[float]:
@@ -579,61 +605,75 @@ def _report(ctx: Context, m: dict[str, Any], refs: dict[str, dict[str, float]], 
     ctx.result("selection_val_1shot", [{"loss": loss, "batch": b, "T": t, "lr": lr, "val_1shot": v}
                                        for (loss, b), sc in m["scores"].items() for (t, lr), v in sc.items()])
     ctx.result("runs", [{"loss": r.loss, "batch": r.batch, "T": r.temperature, "lr": r.lr, "seed": r.seed,
-                         "precision": r.precision, "budget": r.budget, "queue": r.queue, "steps": r.steps,
+                         "precision": r.precision, "budget": r.budget, "queue": r.queue, "momentum": r.momentum,
+                         "steps": r.steps,
                          "seconds": r.seconds,
                          **r.probe, "val": r.probe_val} for r in sorted(m["runs"].done.values(), key=lambda r: r.key)])
 
 
 def _report_queue(ctx: Context, m: dict[str, Any], cfg: dict[str, Any]) -> None:
-    """Batch 8 with the negative queue beside the batch grid (equal epochs, each arm at its chosen settings)."""
+    """Batch 8 with a negative queue (both arms) beside the batch grid (equal epochs, each at its chosen settings)."""
     q, seeds = m["queue"], m["seeds"]
     b0, big = q["batch"], max(cfg["batches"])
     rows, rec, to_large, to_plain = [], {}, {}, {}
-    for loss in LOSSES:
-        qr = _queue_arm(m, cfg, loss)
+    for loss in cfg["queue_losses"]:
+        plain, large = _arm(m, cfg, loss, b0, "epochs"), _arm(m, cfg, loss, big, "epochs")
         cells = [(f"batch {b}", _arm(m, cfg, loss, b, "epochs")) for b in cfg["batches"]]
-        cells.insert(1, (f"batch {b0} + queue of {q['size']}", qr))
+        for k, arm in enumerate(QUEUE_ARMS):
+            qr = _queue_arm(m, cfg, arm, loss)
+            cells.insert(1 + k, (f"batch {b0} + {arm}", qr))
+            to_plain[(arm, loss)], to_large[(arm, loss)] = _gap(qr, plain), _gap(qr, large)
+            rec[f"{arm} / {loss}"] = {
+                "arm": arm, "loss": loss, "momentum": QUEUE_ARMS[arm], "T": qr[0].temperature, "lr": qr[0].lr,
+                "steps": qr[0].steps, "seeds": [r.seed for r in qr],
+                **{k2: [r.probe[k2] for r in qr] for k2 in ("1-shot", "5-shot", "full")},
+                "plain_1shot": [r.probe["1-shot"] for r in plain],
+                "largest_batch_1shot": [r.probe["1-shot"] for r in large],
+                "queue_minus_plain_1shot": interval(to_plain[(arm, loss)]).record("pp"),
+                "queue_minus_largest_1shot": interval(to_large[(arm, loss)]).record("pp"),
+                "plain_minus_largest_1shot": interval(_gap(plain, large)).record("pp")}
         for label, rs in cells:
             rows.append([_LOSS[loss], label, rs[0].temperature, rs[0].lr, rs[0].steps,
-                         *[fmt_cell([r.probe[k] for r in rs], ".1f") for k in ("1-shot", "5-shot", "full")],
+                         *[fmt_cell([r.probe[k2] for r in rs], ".1f") for k2 in ("1-shot", "5-shot", "full")],
                          f"{statistics.fmean(_tail(r, 'info_nce') for r in rs):.3g}"])
-        plain, large = _arm(m, cfg, loss, b0, "epochs"), _arm(m, cfg, loss, big, "epochs")
-        to_plain[loss], to_large[loss] = _gap(qr, plain), _gap(qr, large)
-        rec[loss] = {"T": qr[0].temperature, "lr": qr[0].lr, "steps": qr[0].steps, "seeds": [r.seed for r in qr],
-                     **{k: [r.probe[k] for r in qr] for k in ("1-shot", "5-shot", "full")},
-                     "plain_1shot": [r.probe["1-shot"] for r in plain],
-                     "largest_batch_1shot": [r.probe["1-shot"] for r in large],
-                     "queue_minus_plain_1shot": interval(to_plain[loss]).record("pp"),
-                     "queue_minus_largest_1shot": interval(to_large[loss]).record("pp"),
-                     "plain_minus_largest_1shot": interval(_gap(plain, large)).record("pp")}
-    grid_note = ("its temperature and lr chosen on validation from the same "
+    grid_note = ("their temperature and lr chosen on validation from the same "
                  f"{plural(len(m['grid']), 'candidate')} as the others" if cfg["queue_grid"] else
-                 f"at the temperature and lr chosen on validation for batch {b0} without the queue (`{ctx.mode}` mode "
-                 "keeps this arm small; the full run gives it its own grid)")
+                 f"at the temperature and lr chosen on validation for batch {b0} without a queue (`{ctx.mode}` mode "
+                 "keeps these arms small; the full run gives each its own grid and both losses)")
+    mom = QUEUE_ARMS["queue + momentum encoder"]
     ctx.table(["loss", "arm", "T", "lr", "steps", "1-shot %", "5-shot %", "full %", "InfoNCE (end)"], rows, caption=(
-        f"**A negative queue at batch {b0}**: the {q['size']} most recent embeddings of earlier batches (second views, "
-        f"normalised, no gradient) as extra negatives of every anchor — {2 * b0 - 2 + q['size']} negatives instead of "
-        f"{2 * b0 - 2} — beside the batch grid; equal epochs ({plural(cfg['epochs'], 'epoch')}), probe accuracy on the "
-        f"test part, {n_caption(len(seeds), 'replicate')}. The queue arm runs {grid_note}; the rows without it are "
-        "those of the tables above. The InfoNCE value of the queue arm counts the queued negatives."), floatfmt=".3g")
-    ctx.table(["loss", f"(batch {b0} + queue) − batch {b0}", f"(batch {b0} + queue) − batch {big}",
-               f"batch {b0} − batch {big}"],
-              [[_LOSS[loss], _fmt_gap(to_plain[loss]), _fmt_gap(to_large[loss]),
+        f"**A negative queue at batch {b0}**: the {q['size']} most recent second-view embeddings of earlier batches "
+        f"(normalised, no gradient) as extra negatives of every anchor — {2 * b0 - 2 + q['size']} negatives instead of "
+        f"{2 * b0 - 2}. 'queue': filled by the network being trained; 'queue + momentum encoder': MoCo's form, the "
+        f"second views (keys of the positives, and what is queued) from a copy of the network whose weights follow it "
+        f"as an exponential moving average (momentum {mom:g}). Beside the batch grid; equal epochs "
+        f"({plural(cfg['epochs'], 'epoch')}), probe accuracy on the test part, {n_caption(len(seeds), 'replicate')}. "
+        f"The queue arms run {grid_note}; the rows without a queue are those of the tables above. The InfoNCE value of "
+        "the queue arms counts the queued negatives (chance: log of the number of candidates)."), floatfmt=".3g")
+    ctx.table(["loss", "arm", f"− batch {b0} (no queue)", f"− batch {big}", f"batch {b0} − batch {big}"],
+              [[_LOSS[loss], arm, _fmt_gap(to_plain[(arm, loss)]), _fmt_gap(to_large[(arm, loss)]),
                 _fmt_gap(_gap(_arm(m, cfg, loss, b0, "epochs"), _arm(m, cfg, loss, big, "epochs")))]
-               for loss in LOSSES],
-              caption="Paired 1-shot differences on the test part (percentage points), replicate by replicate.")
+               for loss in cfg["queue_losses"] for arm in QUEUE_ARMS],
+              caption=f"Paired 1-shot differences of batch {b0} with a queue on the test part (percentage points), "
+                      "replicate by replicate.")
     ctx.result("queue", {"size": q["size"], "batch": b0, "largest_batch": big, "own_grid": cfg["queue_grid"],
                          "margin_pp": QUEUE_MARGIN, "arms": rec,
-                         "selection_val_1shot": [{"loss": loss, "T": t, "lr": lr, "val_1shot": v}
-                                                 for loss, sc in q["scores"].items() for (t, lr), v in sc.items()]})
+                         "selection_val_1shot": [{"arm": arm, "loss": loss, "T": t, "lr": lr, "val_1shot": v}
+                                                 for (arm, loss), sc in q["scores"].items()
+                                                 for (t, lr), v in sc.items()]})
     few = len(seeds) < MIN_SEEDS
-    claim(ctx, "flatnce", f"At batch {b0}, a queue of {q['size']} past embeddings as extra negatives closes the gap to "
-          f"large batches: each loss at batch {b0} with the queue reaches the 1-shot probe accuracy of the largest "
-          f"batch ({big}) within {QUEUE_MARGIN:g} pp (equal epochs, settings chosen on validation)",
-          queue_verdict(to_large),
-          "; ".join(f"{_LOSS[loss]}: queue − batch {big} {_fmt_gap(to_large[loss])}, queue − no queue "
-                    f"{_fmt_gap(to_plain[loss])}" for loss in LOSSES) + (" (direction only)" if few else ""),
-          split="test", seeds=seeds, command=full_command("flatnce", jobs=True) if few else None)
+    losses = " and ".join(_LOSS[loss] for loss in cfg["queue_losses"])
+    for arm in QUEUE_ARMS:
+        what = (f"a queue of {q['size']} past embeddings of the network being trained" if not QUEUE_ARMS[arm] else
+                f"a queue of {q['size']} past embeddings from a momentum key encoder (MoCo, momentum {QUEUE_ARMS[arm]:g})")
+        gaps = {loss: to_large[(arm, loss)] for loss in cfg["queue_losses"]}
+        claim(ctx, "flatnce", f"At batch {b0}, {what} as extra negatives closes the gap to large batches: {losses} at "
+              f"batch {b0} with it reach the 1-shot probe accuracy of the largest batch ({big}) within "
+              f"{QUEUE_MARGIN:g} pp (equal epochs, settings chosen on validation)", queue_verdict(gaps),
+              "; ".join(f"{_LOSS[loss]}: with it − batch {big} {_fmt_gap(to_large[(arm, loss)])}, with it − without "
+                        f"{_fmt_gap(to_plain[(arm, loss)])}" for loss in cfg["queue_losses"])
+              + (" (direction only)" if few else ""),
+              split="test", seeds=seeds, command=full_command("flatnce", jobs=True) if few else None)
 
 
 def _report_selection(ctx: Context, m: dict[str, Any], cfg: dict[str, Any]) -> None:
@@ -856,12 +896,13 @@ def _plot_probe_vs_batch(ctx: Context, m: dict[str, Any], cfg: dict[str, Any], r
                     ax.plot([p[0] * 2 ** dodge[(arm, loss)] for p in pts], [p[1] for p in pts], mk, ms=8, mew=2,
                             color=color, mfc="none", label=f"{_LOSS[loss]}, {arm}, T = {MECH_T:g}")
         q = m["queue"]
-        for loss, dodge_q in (("infonce", -0.36), ("flatnce", -0.48)):
-            mq, sq = _ms([r.probe[key] for r in _queue_arm(m, cfg, loss)])
+        for j, (arm, loss) in enumerate((a, lo) for a in QUEUE_ARMS for lo in cfg["queue_losses"]):
+            mq, sq = _ms([r.probe[key] for r in _queue_arm(m, cfg, arm, loss)])
             values += [mq] if not math.isnan(mq) else []
-            ax.errorbar([q["batch"] * 2 ** dodge_q], [mq], yerr=[sq] if n > 1 else None, marker="*", ms=11,
-                        color="C0" if loss == "flatnce" else "C1", mfc="none" if loss == "infonce" else None,
-                        capsize=3, ls="none", label=f"{_LOSS[loss]}, batch {q['batch']} + queue of {q['size']}")
+            ax.errorbar([q["batch"] * 2 ** (-0.36 - 0.12 * j)], [mq], yerr=[sq] if n > 1 else None,
+                        marker="*" if not QUEUE_ARMS[arm] else "P", ms=10, color="C0" if loss == "flatnce" else "C1",
+                        mfc="none" if loss == "infonce" else None, capsize=3, ls="none",
+                        label=f"{_LOSS[loss]}, batch {q['batch']} + {arm} ({q['size']})")
         for name, ls in (("raw pixels", ":"), ("untrained encoder", "-.")):
             ax.axhline(refs[name][key], color="0.6", lw=1, ls=ls, label=f"reference: {name}")
         lo, hi = min(values), max(values)
@@ -869,7 +910,7 @@ def _plot_probe_vs_batch(ctx: Context, m: dict[str, Any], cfg: dict[str, Any], r
         top = min(hi + pad, 100.5)
         ax.set_ylim(min(lo - pad, top - MIN_SPAN - 2.0), top)
         ax.set_xscale("log", base=2)
-        ax.set_xlim(min(batches) * 2 ** -0.8, max(batches) * 2 ** 0.5)
+        ax.set_xlim(min(batches) * 2 ** -1.0, max(batches) * 2 ** 0.5)
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.set_xlabel("batch size (pairs)")
         ax.set_ylabel(f"{key} probe accuracy on test (%)")
@@ -882,8 +923,9 @@ def _plot_probe_vs_batch(ctx: Context, m: dict[str, Any], cfg: dict[str, Any], r
               "one replicate, no error bars: differences of ~2 points are noise")
     ctx.figure(fig, "probe-vs-batch", f"Linear-probe accuracy of the frozen representation vs batch size ({spread}); "
                "each loss at its temperature and lr chosen on validation; solid: equal epochs, dotted: equal steps; "
-               f"bf16 arms at T = {MECH_T:g}, drawn beside their batch; stars left of batch {m['queue']['batch']}: that "
-               f"batch with a queue of {m['queue']['size']} negatives (equal epochs); grey lines: the references "
+               f"bf16 arms at T = {MECH_T:g}, drawn beside their batch; stars and crosses left of batch "
+               f"{m['queue']['batch']}: that batch with a queue of {m['queue']['size']} negatives, filled by the network "
+               "itself (stars) or by a momentum key encoder (crosses), equal epochs; grey lines: the references "
                "(first replicate).")
 
 
