@@ -188,10 +188,11 @@ class Whitening(nn.Module):
 
     with μ = 0 when ``centered=False`` (then Σ is the second moment E[x xᵀ] + εI,
     the isotropy note's uncentered whitening with the 1/n scaling of a covariance). In
-    training, μ and Σ are the batch statistics (gradients flow through them) and
-    the running estimates ``running_mean`` / ``running_cov`` are updated with
-    ``momentum`` like BatchNorm (unbiased covariance for the running estimate).
-    In eval, Σ is ``running_cov + εI``. Unlike IterNorm, which averages per-batch
+    training (with the default ``train_stats="batch"``), μ and Σ are the batch
+    statistics (gradients flow through them) and the running estimates
+    ``running_mean`` / ``running_cov`` are updated with ``momentum`` like
+    BatchNorm (unbiased covariance for the running estimate). In eval, Σ is
+    ``running_cov + εI`` (shrunk first when ``shrinkage > 0``). Unlike IterNorm, which averages per-batch
     whitening matrices, the running estimate is the covariance itself, so eval
     whitens with the inverse square root of the population estimate (the average
     of batch whitening matrices is biased, strongly so when the batch is smaller
@@ -269,9 +270,10 @@ class Whitening(nn.Module):
             decorrelated *across samples*:
             ``Y ← √k̄ (ρYYᵀ + (1 − ρ)k̄I)^{-1/2} Y`` with ``k̄ = tr(YYᵀ)/N``
             (computed on the smaller side, ``= √k̄ Y (ρYᵀY + (1 − ρ)k̄I)^{-1/2}``).
-            Each eigenvalue k of YYᵀ becomes ``k̄·k / (ρk + (1 − ρ)k̄)``: the
-            spread around k̄ shrinks by about ρ's complement and large ones
-            are capped at ``k̄/ρ``; ρ → 1 is the polar factor ``YYᵀ ∝ I``. Why:
+            Each eigenvalue k of YYᵀ becomes ``k̄·k / (ρk + (1 − ρ)k̄)``:
+            small deviations from k̄ are scaled by about 1 − ρ, large
+            eigenvalues are capped at ``k̄/ρ``; ρ → 1 is the polar factor
+            ``YYᵀ ∝ I``. Why:
             the isotropy note's condition for parameter-space steepest
             descent to be feature-space steepest descent is ``XXᵀ ∝ I`` over
             the batch, which per-sample (population) whitening meets only up
