@@ -362,10 +362,11 @@ def grids(ctx: Context, task: str) -> dict[str, list[float]]:
     convention; its bfloat16 Newton–Schulz makes it by far the slowest optimizer on CPU)."""
     if ctx.full and task == "digits":
         return {"AdamW": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "Muon (steepest)": [0.005, 0.01, 0.02, 0.05, 0.1],
-                "torch.optim.Muon": [0.005, 0.01, 0.02, 0.05, 0.1], "NorMuon": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+                "torch.optim.Muon": [0.005, 0.01, 0.02, 0.05, 0.1], "NorMuon": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
                 "SGD": [0.03, 0.1, 0.3, 1.0, 3.0], "SignSGD": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]}
-    # NorMuon's lr sets an update RMS of 0.2·lr (AdamW-sized); on digits its best lr lies lower than on the char-LM
-    normuon = [0.003, 0.01, 0.03] if task == "digits" else [0.01, 0.02, 0.05]
+    # NorMuon's lr sets an update RMS of 0.2·lr (AdamW-sized); on digits its best validation lr (0.003) lies
+    # lower than on the char-LM (0.02), so each grid is centred on its own
+    normuon = [0.001, 0.003, 0.01] if task == "digits" else [0.01, 0.02, 0.05]
     return {
         "AdamW": ctx.pick([3e-3], [3e-3, 1e-2, 3e-2], [3e-3, 1e-2, 3e-2]),
         "Muon (steepest)": ctx.pick([0.02], [0.01, 0.02, 0.05], [0.01, 0.02, 0.05]),
