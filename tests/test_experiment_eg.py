@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from steepest.experiments import eg as E
 from steepest.experiments._protocol import interval
@@ -115,3 +116,36 @@ def test_stretch_multipliers_are_reported_beside_the_claim_and_left_out_of_its_v
     assert set(intervals) == {"x0.1", "x10"}
     assert E.goal_verdict(intervals) == "held"  # the stretch's divergence does not reach the claim
     assert set(E._goal(runs, sel, [0.1, 1.0, 10.0])) == {"x0.1", "x10"}  # no stretch where it was not run
+
+
+def test_adam_with_the_cosine_rule_matches_a_hand_written_loop():
+    """ν ← ν·exp(γ cos(ū_{t−1}, g_t)) from ν₀, ū the running average of Adam's direction u = Δθ / (lr ν)."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    shapes = [(3, 2), (4,)]
+    grads = [[rng.normal(size=s) for s in shapes] for _ in range(6)]
+    theta = [rng.normal(size=s) for s in shapes]
+    lr, gamma, nu0, beta = 0.05, 0.3, 0.01, 0.9
+    ps = [torch.nn.Parameter(torch.tensor(t)) for t in theta]
+    opt = E.AdamEG(ps, lr=lr, gamma=gamma, hyper=True, normalize=True, nu0=nu0, beta=beta)
+    qs = [torch.nn.Parameter(torch.tensor(t)) for t in theta]
+    adam = torch.optim.Adam(qs, lr=lr)
+    nu, avg = nu0, [np.zeros(s) for s in shapes]
+    for gs in grads:
+        a, b = np.concatenate([x.ravel() for x in avg]), np.concatenate([g.ravel() for g in gs])
+        den = np.linalg.norm(a) * np.linalg.norm(b)
+        nu *= math.exp(gamma * (a @ b / den if den > 0 else 0.0))
+        adam.param_groups[0]["lr"] = lr * nu
+        before = [q.detach().clone().numpy() for q in qs]
+        for q, g in zip(qs, gs):
+            q.grad = torch.tensor(g)
+        adam.step()
+        avg = [beta * u + (1 - beta) * (b0 - q.detach().numpy()) / (lr * nu) for u, b0, q in zip(avg, before, qs)]
+        for p, g in zip(ps, gs):
+            p.grad = torch.tensor(g)
+        opt.step()
+        assert opt.nu == pytest.approx(nu, rel=1e-9)
+    for p, q in zip(ps, qs):
+        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-9, atol=1e-12)
+    assert opt.nu != nu0  # the rate moved
