@@ -668,7 +668,7 @@ def _report_queue(ctx: Context, m: dict[str, Any], cfg: dict[str, Any]) -> None:
                 f"a queue of {q['size']} past embeddings from a momentum key encoder (MoCo, momentum {QUEUE_ARMS[arm]:g})")
         gaps = {loss: to_large[(arm, loss)] for loss in cfg["queue_losses"]}
         claim(ctx, "flatnce", f"At batch {b0}, {what} as extra negatives closes the gap to large batches: {losses} at "
-              f"batch {b0} with it reach the 1-shot probe accuracy of the largest batch ({big}) within "
+              f"batch {b0} with it {'reach' if len(cfg['queue_losses']) > 1 else 'reaches'} the 1-shot probe accuracy of the largest batch ({big}) within "
               f"{QUEUE_MARGIN:g} pp (equal epochs, settings chosen on validation)", queue_verdict(gaps),
               "; ".join(f"{_LOSS[loss]}: with it − batch {big} {_fmt_gap(to_large[(arm, loss)])}, with it − without "
                         f"{_fmt_gap(to_plain[(arm, loss)])}" for loss in cfg["queue_losses"])
