@@ -478,7 +478,8 @@ def egdd_step(param: Tensor, grad: Tensor, momentum_buf: Tensor, gbar: Tensor, g
     """One EGDD ("exponentiated gradient delta-delta") step, the rule of TF Lingvo ``egdd.py``.
 
     Slots: momentum m, gradient EMA ḡ (both start at 0), per-coordinate gain p
-    and per-tensor scale s (both start at 1); ``step`` counts this step from 1:
+    and per-tensor scale s (both start at 1 in Lingvo; :class:`EGDD` can start s at ``initial_scale``);
+    ``step`` counts this step from 1:
 
     - ``s ← clip(s · exp(η_s ⟨ĝ, m̂⟩), min_scale, max_scale)`` with ĝ = g/(‖g‖+1e-10),
       m̂ = m/(‖m‖+1e-10) (``use_directions``; else the raw ⟨g, m⟩);
