@@ -635,8 +635,8 @@ def _report_goal(ctx: Context, sel: dict[str, Any], reps: dict[tuple[str, str], 
         f"eigenvalue (α = {alpha:g}) bounds the gain of directions the estimate barely saw; (ii) per-sample "
         "whitening alone leaves XXᵀ ∝ I only up to fluctuations of relative size ~√(b/d), so the training batch's "
         f"samples are partly decorrelated (ρ = {rho:g}: each eigenvalue k of XXᵀ becomes k̄k/(ρk + (1 − ρ)k̄)), "
-        "which restores the alignment without erasing the samples' similarity the way full batch whitening "
-        "(ρ → 1 on batch statistics) does. "
+        "which restores the alignment in training while eval keeps the per-sample map; batch whitening instead "
+        "makes every training batch orthogonal with statistics eval cannot reproduce. "
         + _loss_sentence(reps, met))
 
 
