@@ -672,8 +672,10 @@ def _robustness(ctx: Context) -> None:
     traces = {k: v for k, v in traces.items() if v}
     rate_rows = _plot_rates(ctx, grid, traces, cfg["trace_mults"])
     if rate_rows:
+        shown = [[("overflow" if v > 0 else "−overflow") if isinstance(v, float) and math.isinf(v) else v
+                  for v in r] for r in rate_rows]  # ν beyond float range: say so rather than print inf
         ctx.table(["method", "initial lr", "final ν", "final lr ÷ tuned lr", "min ν", "max ν", "last step",
-                   "final test loss"], rate_rows,
+                   "final test loss"], shown,
                   caption=f"Learned rates (first replicate, seed {reps[0]}). 'final lr ÷ tuned lr' = multiplier × "
                           "final ν: close to 1 means the rule found its way back to the tuned rate. The Adam rows "
                           "answer whether the rate collapses to 0 when the note's rule sits on top of Adam.")

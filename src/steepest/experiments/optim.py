@@ -635,7 +635,7 @@ def _report_steps_ratio(ctx: Context, res: dict[str, Any]) -> None:
             "overstates the steps needed, so a *held* is conservative)"
           + (" (one replicate: direction only)" if few else ""),
           split="test", seeds=seeds, command=full_command("optim") if few else None)
-    ctx.text(f"Steps to AdamW's final loss (char-LM). The issue's target is a ratio of at most {STEPS_GOAL:g} for "
+    ctx.text(f"Steps to AdamW's final loss (char-LM). The target is a ratio of at most {STEPS_GOAL:g} for "
              f"Muon and NorMuon; modded-nanogpt's fixed-architecture speedrun reports about {ANCHOR[0]:g}–"
              f"{ANCHOR[1]:g}× fewer steps with Muon than with AdamW. Measured here (ratio to AdamW's steps, validation "
              "/ test): " + "; ".join(f"{o} {_fmt_count(ratios['val'][o], '.2f')} / {_fmt_count(ratios['test'][o], '.2f')}"
