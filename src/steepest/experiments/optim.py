@@ -128,10 +128,13 @@ class Block(nn.Module):
 
 
 class CharGPT(nn.Module):
-    def __init__(self, vocab: int, d: int, layers: int, heads: int, ctx: int) -> None:
+    """The char-LM; ``block(d, heads)`` builds each layer (another attention plugs in here)."""
+
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, ctx: int,
+                 block: Callable[[int, int], nn.Module] = Block) -> None:
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(block(d, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
 

@@ -41,7 +41,7 @@ from ..report import Context, plural
 from . import claim, full_command
 from ._protocol import (MIN_SEEDS, combine, fmt_cell, fmt_interval, interval, n_caption, outcome, paired,
                         protocol_text)
-from .optim import ADAMW, CHARLM_SIZES, charlm_task, lr_factor
+from .optim import ADAMW, CHARLM_SIZES, CharGPT, charlm_task, lr_factor
 
 TITLE = "QK-Clip: attention logits of a transformer trained with Muon, with and without the clip"
 # Small models: one intra-op thread is fastest and leaves the other core free.
@@ -69,21 +69,6 @@ class ClipBlock(nn.Module):
         return x + self.proj(F.gelu(self.fc(self.ln2(x))))
 
 
-class ClipGPT(nn.Module):
-    def __init__(self, vocab: int, d: int, layers: int, heads: int, ctx: int) -> None:
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
-        self.blocks = nn.ModuleList(ClipBlock(d, heads) for _ in range(layers))
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for blk in self.blocks:
-            x = blk(x)
-        return self.head(self.norm(x))
-
-
 def train(mode: str, steps: int, every: int, seed: int, tau: float | None) -> dict[str, Any]:
     """One run: Muon at :data:`LR` on the char-LM, QK-Clip at ``tau`` after every step (None: no clip).
 
@@ -93,7 +78,7 @@ def train(mode: str, steps: int, every: int, seed: int, tau: float | None) -> di
     task = charlm_task(mode, steps, seed)
     d, layers, heads, seq, _, _ = CHARLM_SIZES[mode]
     torch.manual_seed(seed)
-    model = ClipGPT(128, d, layers, heads, seq)
+    model = CharGPT(128, d, layers, heads, seq, block=ClipBlock)
     attn = [b.attn for b in model.blocks]
     opt = Muon(muon_param_groups(model, adamw={"lr": ADAMW_LR, **ADAMW}), lr=LR, momentum=0.95)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
