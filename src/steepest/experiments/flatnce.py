@@ -160,28 +160,6 @@ def roundoff_reachable(batch: int, temperature: float, u: float) -> bool:
     return xi_floor(batch, temperature) < math.log(u / (1 - u))
 
 
-# --------------------------------------------------------------------------- model
-class Net(nn.Module):
-    """Conv encoder (8×8 → 64-d representation) and a 2-layer projection head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.encoder = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(64 * 4 * 4, REP_DIM),
-        )
-        self.head = nn.Sequential(nn.ReLU(), nn.Linear(REP_DIM, REP_DIM), nn.ReLU(), nn.Linear(REP_DIM, PROJ_DIM))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
-
-
 # --------------------------------------------------------------------------- training
 @dataclass
 class Run:
