@@ -666,7 +666,8 @@ def _report(ctx: Context, m: dict[str, Any], refs: dict[str, dict[str, float]], 
                          "precision": r.precision, "budget": r.budget, "queue": r.queue, "momentum": r.momentum,
                          "steps": r.steps,
                          "seconds": r.seconds, **r.probe, "val": r.probe_val, "C": r.probe_c,
-                         "draw_sd": r.draw_sd, "probe_variants_1shot": r.variants} for r in sorted(m["runs"].done.values(), key=lambda r: r.key)])
+                         "draw_sd": r.draw_sd, "probe_variants_1shot": r.variants}
+                        for r in sorted(m["runs"].done.values(), key=lambda r: r.key)])
 
 
 def _report_probe(ctx: Context, m: dict[str, Any], cfg: dict[str, Any]) -> None:
