@@ -98,7 +98,7 @@ figure, and results.json (every number, and the verdicts under "claims").
 
 Modes: quick (the default; about 6 minutes on 2 idle cores) gives a verdict where its sizes are
 evidence and says "not measured", with the command that measures it, where they are not; --full runs
-the full-size experiments (long: FlatNCE alone takes about an hour on 2 cores with --jobs 2);
+the full-size experiments (long: FlatNCE alone takes about 90 minutes on 2 cores with --jobs 2);
 --smoke runs tiny sizes that only exercise the code, for the tests.
 
 With --only, an existing report in --out is updated: the sections run are replaced, the others kept.

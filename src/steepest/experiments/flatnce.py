@@ -1130,7 +1130,7 @@ def run(ctx: Context) -> None:
         + ("" if len(seeds) >= MIN_SEEDS else
            f" **`{ctx.mode}` mode trains for {plural(cfg['epochs'], 'epoch')} with {plural(len(seeds), 'seed')}:** "
            + direction_only(len(seeds), full_command("flatnce", jobs=True))
-           + f" The full run (about 80 minutes on 2 cores) is kept in `{STORED_FULL_RUN}` of the steepest repository."))
+           + f" The full run (about 90 minutes on 2 cores) is kept in `{STORED_FULL_RUN}` of the steepest repository."))
     ctx.phase("flatnce: probing the references (raw pixels, untrained encoder)")
     d = load_split(seeds[0])
     xtr, ytr = d["xtr"], d["ytr"]
