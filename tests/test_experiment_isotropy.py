@@ -18,6 +18,19 @@ def test_alignment_verdict():
     assert E.alignment_verdict(math.nan, 0.999, 0.7) == "not measured"
 
 
+
+def test_alignment_verdict_reads_the_worst_replicate():
+    # means would pass (SGD 0.967, SignSGD 0.83); one replicate each does not
+    assert E.alignment_verdict_replicates({"sgd": [0.99, 0.99, 0.92], "muon": [0.98] * 3,
+                                           "signsgd": [0.7, 0.7, 0.7]}) == "partly held"
+    assert E.alignment_verdict_replicates({"sgd": [0.99] * 3, "muon": [0.98] * 3,
+                                           "signsgd": [0.7, 0.7, 0.95]}) == "partly held"
+    assert E.alignment_verdict_replicates({"sgd": [0.99] * 3, "muon": [0.98] * 3, "signsgd": [0.7] * 3}) == "held"
+    assert E.alignment_verdict_replicates({"sgd": [0.99, float("nan")], "muon": [0.98] * 2,
+                                           "signsgd": [0.7] * 2}) == "not measured"
+    assert E.worst([float("nan"), 0.99], True) != E.worst([float("nan"), 0.99], True)  # NaN wherever it sits
+    assert E.worst([0.99, float("nan")], False) != E.worst([0.99, float("nan")], False)
+
 def test_training_verdict_from_paired_intervals():
     bn = {"sgd": [0.96, 0.95, 0.98], "muon": [0.97, 0.96, 0.98]}
     al = {"sgd": [0.98, 0.985, 0.979], "muon": [0.97, 0.975, 0.972]}

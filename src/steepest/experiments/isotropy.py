@@ -321,6 +321,22 @@ def _digits_runs(ctx: Context, data: Data, cfg: dict[str, Any]) -> dict[tuple[st
     return dict(zip(grid, done))
 
 
+def _alignment_replicates(ctx: Context, runs: dict[tuple[str, str], dict[str, Any]], cfg: dict[str, Any],
+                          seeds: list[int]) -> dict[str, dict[str, list[float]]]:
+    """Layer-mean alignment (own norm) of SGD, Muon and SignSGD with whitened and raw inputs, one value per
+    replicate: ``runs`` gives the first seed's, a run per further seed (its own split and initialization) the rest."""
+    cells = [(o, t) for o in RULES for t in ("whitening", "raw")]
+    extra = [(o, t, {**cfg, "seed": s}, {}) for s in seeds[1:] for o, t in cells]
+    done = ctx.map_ordered(_fit_job, extra, "isotropy: alignment replicates") if extra else []
+    out: dict[str, dict[str, list[float]]] = {t: {o: [] for o in RULES} for t in ("whitening", "raw")}
+    for o, t in cells:
+        if (o, t) in runs:  # smoke mode runs a few cells only
+            out[t][o].append(_layer_mean(runs[(o, t)], cfg["layers"], OWN_NORM[o]))
+    for (o, t, _, _), r in zip(extra, done):
+        out[t][o].append(_layer_mean(r, cfg["layers"], OWN_NORM[o]))
+    return out
+
+
 def _report_digits(ctx: Context, runs: dict[tuple[str, str], dict[str, Any]], cfg: dict[str, Any]) -> None:
     layers, widths = cfg["layers"], cfg["widths"]
     rows, res = [], {}
@@ -665,24 +681,39 @@ def alignment_verdict(sgd: float, muon: float, signsgd: float) -> str:
     return "held" if aligned and sign_not else ("partly held" if aligned or sign_not else "not held")
 
 
-def _claim(ctx: Context, runs: dict[tuple[str, str], dict[str, Any]], cfg: dict[str, Any],
-           syn: dict[str, dict[str, dict[float, float]]], ratios: list[float]) -> None:
-    def cell(o: str, t: str) -> float:
-        return _layer_mean(runs.get((o, t)), cfg["layers"], OWN_NORM[o])
+def worst(values: Sequence[float], low: bool) -> float:
+    """The replicate least favourable to the claim: the smallest cosine (``low``) or the largest; NaN if any is."""
+    vals = [float(v) for v in values]
+    return math.nan if not vals or any(math.isnan(v) for v in vals) else (min(vals) if low else max(vals))
 
-    w = {o: cell(o, "whitening") for o in ("sgd", "muon", "signsgd")}
-    raw = {o: cell(o, "raw") for o in ("sgd", "muon", "signsgd")}
+
+def alignment_verdict_replicates(whitened: dict[str, Sequence[float]]) -> str:
+    """:func:`alignment_verdict` on the worst replicate of each optimizer: every replicate must agree."""
+    return alignment_verdict(worst(whitened["sgd"], True), worst(whitened["muon"], True),
+                             worst(whitened["signsgd"], False))
+
+
+def _claim(ctx: Context, reps: dict[str, dict[str, list[float]]], cfg: dict[str, Any],
+           syn: dict[str, dict[str, dict[float, float]]], ratios: list[float], seeds: list[int]) -> None:
+    """The alignment claim, judged on its worst replicate: SGD's and Muon's smallest cosine, SignSGD's largest."""
+    def spread(v: list[float], low: bool) -> str:
+        return f"{fmt_cell(v)} (worst {worst(v, low):.3f})" if len(v) > 1 else fmt_cell(v) if v else "not run"
+
+    w, raw = reps["whitening"], reps["raw"]
     syn_w = syn["whitened X(XᵀX)^-1/2"]["sgd"]
     inside = min(syn_w[q] for q in ratios if q <= 1) if any(q <= 1 for q in ratios) else math.nan
     beyond = max(ratios)
+    ctx.result("alignment_replicates", {"seeds": seeds, **reps})
     claim(ctx, "isotropy", "With isotropic inputs (XXᵀ ∝ I, reachable only when the batch is at most the layer's "
           "width) the feature update of SGD and of momentum-free Muon is the steepest descent of the features "
           f"(cosine ≥ {ALIGNED:g}); SignSGD's is not (< {NOT_ALIGNED:g})",
-          alignment_verdict(w["sgd"], w["muon"], w["signsgd"]),
-          f"layer-mean cosine with whitened inputs, digits MLP, batch {cfg['batch']}: SGD {w['sgd']:.3f}, Muon "
-          f"{w['muon']:.3f}, SignSGD {w['signsgd']:.3f} (raw inputs: {raw['sgd']:.3f}, {raw['muon']:.3f}, "
-          f"{raw['signsgd']:.3f}); synthetic whitened SGD: ≥ {inside:.3f} for b ≤ d, {syn_w[beyond]:.3f} at "
-          f"b/d = {beyond:g}", split="train", seeds=[cfg["seed"]])
+          alignment_verdict_replicates(w),
+          f"layer-mean cosine with whitened inputs, digits MLP, batch {cfg['batch']}, "
+          f"{n_caption(len(seeds), 'replicate')}: SGD {spread(w['sgd'], True)}, Muon {spread(w['muon'], True)}, "
+          f"SignSGD {spread(w['signsgd'], False)} (raw inputs: "
+          f"{', '.join(fmt_cell(raw[o]) if raw[o] else 'not run' for o in RULES)}); synthetic whitened SGD: "
+          f"≥ {inside:.3f} for b ≤ d, {syn_w[beyond]:.3f} at b/d = {beyond:g}; measured on the training batches each update was computed from",
+          split="train", seeds=seeds)
 
 
 def _verdict(ctx: Context, syn: dict[str, dict[str, dict[float, float]]], ratios: list[float],
@@ -769,7 +800,7 @@ def run(ctx: Context) -> None:
 
     ctx.result("verdict_alignment", {o: {t: _layer_mean(runs.get((o, t)), cfg["layers"], OWN_NORM[o])
                                          for t in TREATMENTS} for o in OPTIMIZERS})
-    _claim(ctx, runs, cfg, syn, ratios)
+    _claim(ctx, _alignment_replicates(ctx, runs, cfg, seeds), cfg, syn, ratios, seeds)
     _report_goal(ctx, sel, _replicates(ctx, runs, cfg, seeds), seeds)
     if ctx.mode == "smoke":
         ctx.text("*Smoke mode: sizes too small for conclusions; run quick or full mode.*")
