@@ -459,3 +459,17 @@ def test_progress_shows_a_line_for_the_section_between_its_bars(tmp_path):
     assert phase.description == "  x: timing"
     ctx._close_phase()
     assert progress.tasks == []
+
+
+def test_claims_header_counts_notes_and_comparisons(tmp_path, monkeypatch):
+    def beyond(ctx):
+        ctx.claim("a comparison", "https://example.org/c", "a claim", "held", "fig", split="none", seeds=[0],
+                  beyond=True)
+
+    _registry(monkeypatch, {"c": beyond})
+    assert cli.main(["reproduce", "--smoke", "--out", str(tmp_path / "only-beyond")]) == 0
+    md = (tmp_path / "only-beyond" / "report.md").read_text()
+    assert "1 claim from the comparisons this project adds." in md and "0 notes" not in md
+    _registry(monkeypatch, {"a": _experiment("x"), "c": beyond})
+    assert cli.main(["reproduce", "--smoke", "--out", str(tmp_path / "both")]) == 0
+    assert "2 claims from 1 note and the comparisons this project adds." in (tmp_path / "both" / "report.md").read_text()

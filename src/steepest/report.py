@@ -846,9 +846,10 @@ def write_report(kind: str, out: Path, sections: Sequence[Section], settings: Se
     head = _header(kind, runs, settings, env)
     if claims:
         notes = {c.note for c in claims if not c.beyond}
+        sources = ([plural(len(notes), "note")] if notes else []) + (
+            ["the comparisons this project adds"] if any(c.beyond for c in claims) else [])
         head.append(
-            f"## Claims and verdicts\n\n{plural(len(claims), 'claim')} from {plural(len(notes), 'note')}"
-            + (" and the comparisons this project adds" if any(c.beyond for c in claims) else "")
+            f"## Claims and verdicts\n\n{plural(len(claims), 'claim')} from {' and '.join(sources)}"
             + ". Each verdict — **held**, **partly held**, **not held** or **not measured** — is computed from the "
             "numbers in its section; *not measured* names the run that measures it.\n\n"
             + _claims_table(claims, anchors))
