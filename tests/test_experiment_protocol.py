@@ -104,6 +104,9 @@ def test_intervals_are_written_with_their_n():
     ratio = P.fmt_interval(P.interval(np.log([1.1, 1.2, 1.0]).tolist()), ".2f", ratio=True)
     assert ratio.startswith("1.10×, 95 % CI [") and "(2/3 > 1)" in ratio
     assert P.fmt_interval(P.interval([0.1, math.inf])) == "diverged in 1/2 replicates"
+    # replicates that agree exactly (a step count read every 25 steps): no zero-width interval, no "p = 0"
+    same = P.fmt_interval(P.interval(np.log([0.825] * 3).tolist()), ".2f", ratio=True)
+    assert same == "0.82× in each of the 3 replicates, no spread (0/3 > 1)"
     assert "not measured" in P.direction_only(1, "steepest reproduce --full") and "One seed" in P.direction_only(
         1, "x")
 

@@ -260,7 +260,8 @@ def fmt_interval(iv: Interval, spec: str = ".2f", unit: str = "", *, ratio: bool
 
     ``"+1.9 pp, 95 % CI [−2.3, +6.1], p = 0.20, n = 3 (3/3 > 0)"``; ``ratio=True`` for an interval of log
     ratios, shown as the geometric-mean ratio ``"1.12×, 95 % CI [0.98×, 1.28×], n = 5 (4/5 > 1)"``. One
-    value: the value and "n = 1: direction only"; a non-finite mean: which way it diverged.
+    value: the value and "n = 1: direction only"; replicates that all agree: the value and "no spread" (a
+    zero-width interval and p = 0 would read as certainty); a non-finite mean: which way it diverged.
     """
     if iv.n == 0:
         return "–"
@@ -271,6 +272,8 @@ def fmt_interval(iv: Interval, spec: str = ".2f", unit: str = "", *, ratio: bool
     ref = "1" if ratio else "0"
     if iv.n == 1:
         return f"{conv(iv.mean)} (n = 1: direction only)"
+    if iv.sd == 0:  # every replicate gave the same value (e.g. a count read on a grid): no interval to show
+        return f"{conv(iv.mean)} in each of the {iv.n} replicates, no spread ({iv.above}/{iv.n} > {ref})"
     return (f"{conv(iv.mean)}, 95 % CI [{conv(iv.lo)}, {conv(iv.hi)}], p = {iv.p:.2g}, n = {iv.n} "
             f"({iv.above}/{iv.n} > {ref})")
 
