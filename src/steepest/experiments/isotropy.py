@@ -712,7 +712,8 @@ def _claim(ctx: Context, reps: dict[str, dict[str, list[float]]], cfg: dict[str,
           f"{n_caption(len(seeds), 'replicate')}: SGD {spread(w['sgd'], True)}, Muon {spread(w['muon'], True)}, "
           f"SignSGD {spread(w['signsgd'], False)} (raw inputs: "
           f"{', '.join(fmt_cell(raw[o]) if raw[o] else 'not run' for o in RULES)}); synthetic whitened SGD: "
-          f"≥ {inside:.3f} for b ≤ d, {syn_w[beyond]:.3f} at b/d = {beyond:g}; measured on the training batches each update was computed from",
+          f"≥ {inside:.3f} for b ≤ d, {syn_w[beyond]:.3f} at b/d = {beyond:g}; measured on the training batches "
+          "each update was computed from",
           split="train", seeds=seeds)
 
 
