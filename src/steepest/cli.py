@@ -96,7 +96,7 @@ Run the experiments (all, or those named with --only) and write into --out: repo
 ran on, a table of the notes' claims and verdicts, then one section per experiment), one PNG per
 figure, and results.json (every number, and the verdicts under "claims").
 
-Modes: quick (the default; about 6 minutes on 2 idle cores) gives a verdict where its sizes are
+Modes: quick (the default; about 13 minutes on 2 idle cores) gives a verdict where its sizes are
 evidence and says "not measured", with the command that measures it, where they are not; --full runs
 the full-size experiments (long: FlatNCE alone takes about 90 minutes on 2 cores with --jobs 2);
 --smoke runs tiny sizes that only exercise the code, for the tests.
