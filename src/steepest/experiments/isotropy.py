@@ -321,20 +321,12 @@ def _digits_runs(ctx: Context, data: Data, cfg: dict[str, Any]) -> dict[tuple[st
     return dict(zip(grid, done))
 
 
-def _alignment_replicates(ctx: Context, runs: dict[tuple[str, str], dict[str, Any]], cfg: dict[str, Any],
+def _alignment_replicates(reps: dict[tuple[str, str, int], dict[str, Any]], cfg: dict[str, Any],
                           seeds: list[int]) -> dict[str, dict[str, list[float]]]:
     """Layer-mean alignment (own norm) of SGD, Muon and SignSGD with whitened and raw inputs, one value per
-    replicate: ``runs`` gives the first seed's, a run per further seed (its own split and initialization) the rest."""
-    cells = [(o, t) for o in RULES for t in ("whitening", "raw")]
-    extra = [(o, t, {**cfg, "seed": s}, {}) for s in seeds[1:] for o, t in cells]
-    done = ctx.map_ordered(_fit_job, extra, "isotropy: alignment replicates") if extra else []
-    out: dict[str, dict[str, list[float]]] = {t: {o: [] for o in RULES} for t in ("whitening", "raw")}
-    for o, t in cells:
-        if (o, t) in runs:  # smoke mode runs a few cells only
-            out[t][o].append(_layer_mean(runs[(o, t)], cfg["layers"], OWN_NORM[o]))
-    for (o, t, _, _), r in zip(extra, done):
-        out[t][o].append(_layer_mean(r, cfg["layers"], OWN_NORM[o]))
-    return out
+    replicate, from :func:`_replicate_runs`."""
+    return {t: {o: [_layer_mean(reps[(o, t, sd)], cfg["layers"], OWN_NORM[o]) for sd in seeds] for o in RULES}
+            for t in ALIGN_TREATS}
 
 
 def _report_digits(ctx: Context, runs: dict[tuple[str, str], dict[str, Any]], cfg: dict[str, Any]) -> None:
@@ -515,6 +507,7 @@ def _plot_training(ctx: Context, best: dict[tuple[str, str], tuple[float, float,
 # ----------------------------------------------------------------------------- 4. whitening that trains
 GOAL_OPTS = ("sgd", "muon")
 GOAL_TREATS = ("batchnorm", "whitening", "whitening-running")
+ALIGN_TREATS = ("whitening", "raw")  # the alignment claim's cells, with SGD, Muon and SignSGD
 
 
 def _select(ctx: Context, cfg: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
@@ -551,18 +544,27 @@ def choose_setting(val: dict[Any, dict[str, Sequence[float]]], align: dict[Any, 
     return {"chosen": chosen, "admissible": admissible, "score": score, "any_admissible": any(admissible.values())}
 
 
-def _replicates(ctx: Context, runs: dict[tuple[str, str], dict[str, Any]], cfg: dict[str, Any], seeds: list[int]
-                ) -> dict[tuple[str, str], dict[str, list[float]]]:
-    """Test accuracy (eval mode) and layer-mean alignment of SGD and Muon with BatchNorm, whitening and
-    whitening-running, one value per replicate (the first replicate's runs are the digits grid's when it has them)."""
-    cases = [(o, t) for o in GOAL_OPTS for t in GOAL_TREATS]
+def _replicate_runs(ctx: Context, runs: dict[tuple[str, str], dict[str, Any]], cfg: dict[str, Any],
+                    seeds: list[int]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Every (optimizer, inputs) cell the verdicts read — the whitening goal's and the alignment claim's — on every
+    replicate (its own split and initialization), each trained once; the first replicate's runs are the digits
+    grid's where it has them."""
+    cases = list(dict.fromkeys([(o, t) for o in GOAL_OPTS for t in GOAL_TREATS]
+                               + [(o, t) for o in RULES for t in ALIGN_TREATS]))
     todo = [(o, t, sd) for sd in seeds for o, t in cases if not (sd == cfg["seed"] and (o, t) in runs)]
     done = ctx.map_ordered(_fit_job, [(o, t, {**cfg, "seed": sd}, {}) for o, t, sd in todo],
-                           "isotropy: replicates of BatchNorm / whitening / whitening-running")
+                           "isotropy: replicates of the cells the verdicts read")
     got = dict(zip(todo, done))
+    return {(o, t, sd): got[(o, t, sd)] if (o, t, sd) in got else runs[(o, t)] for sd in seeds for o, t in cases}
+
+
+def _replicates(reps: dict[tuple[str, str, int], dict[str, Any]], cfg: dict[str, Any], seeds: list[int]
+                ) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """Test accuracy (eval mode), layer-mean alignment and final train loss of SGD and Muon with BatchNorm,
+    whitening and whitening-running, one value per replicate, from :func:`_replicate_runs`."""
     out: dict[tuple[str, str], dict[str, list[float]]] = {}
-    for o, t in cases:
-        rs = [runs[(o, t)] if (o, t, sd) not in got else got[(o, t, sd)] for sd in seeds]
+    for o, t in [(o, t) for o in GOAL_OPTS for t in GOAL_TREATS]:
+        rs = [reps[(o, t, sd)] for sd in seeds]
         out[(o, t)] = {"test_accuracy": [r["evals"][-1][1] for r in rs],
                        "alignment": [_layer_mean(r, cfg["layers"], OWN_NORM[o]) for r in rs],
                        "train_loss": [float(np.mean(r["losses"][-cfg["tail"]:])) for r in rs]}
@@ -697,7 +699,7 @@ def _claim(ctx: Context, reps: dict[str, dict[str, list[float]]], cfg: dict[str,
            syn: dict[str, dict[str, dict[float, float]]], ratios: list[float], seeds: list[int]) -> None:
     """The alignment claim, judged on its worst replicate: SGD's and Muon's smallest cosine, SignSGD's largest."""
     def spread(v: list[float], low: bool) -> str:
-        return f"{fmt_cell(v)} (worst {worst(v, low):.3f})" if len(v) > 1 else fmt_cell(v) if v else "not run"
+        return f"{fmt_cell(v)} (worst {worst(v, low):.3f})" if len(v) > 1 else fmt_cell(v)
 
     w, raw = reps["whitening"], reps["raw"]
     syn_w = syn["whitened X(XᵀX)^-1/2"]["sgd"]
@@ -711,7 +713,7 @@ def _claim(ctx: Context, reps: dict[str, dict[str, list[float]]], cfg: dict[str,
           f"layer-mean cosine with whitened inputs, digits MLP, batch {cfg['batch']}, "
           f"{n_caption(len(seeds), 'replicate')}: SGD {spread(w['sgd'], True)}, Muon {spread(w['muon'], True)}, "
           f"SignSGD {spread(w['signsgd'], False)} (raw inputs: "
-          f"{', '.join(fmt_cell(raw[o]) if raw[o] else 'not run' for o in RULES)}); synthetic whitened SGD: "
+          f"{', '.join(fmt_cell(raw[o]) for o in RULES)}); synthetic whitened SGD: "
           f"≥ {inside:.3f} for b ≤ d, {syn_w[beyond]:.3f} at b/d = {beyond:g}; measured on the training batches "
           "each update was computed from",
           split="train", seeds=seeds)
@@ -801,8 +803,9 @@ def run(ctx: Context) -> None:
 
     ctx.result("verdict_alignment", {o: {t: _layer_mean(runs.get((o, t)), cfg["layers"], OWN_NORM[o])
                                          for t in TREATMENTS} for o in OPTIMIZERS})
-    _claim(ctx, _alignment_replicates(ctx, runs, cfg, seeds), cfg, syn, ratios, seeds)
-    _report_goal(ctx, sel, _replicates(ctx, runs, cfg, seeds), seeds)
+    reps = _replicate_runs(ctx, runs, cfg, seeds)
+    _claim(ctx, _alignment_replicates(reps, cfg, seeds), cfg, syn, ratios, seeds)
+    _report_goal(ctx, sel, _replicates(reps, cfg, seeds), seeds)
     if ctx.mode == "smoke":
         ctx.text("*Smoke mode: sizes too small for conclusions; run quick or full mode.*")
     else:
